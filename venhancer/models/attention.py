@@ -1,0 +1,281 @@
+"""Attention for the video UNet: the kernel choice, attention/feed-forward layers, and the
+spatial (per-frame) and temporal (per-pixel) transformers.
+
+This is the one place that decides how attention is computed: PyTorch's
+`scaled_dot_product_attention` (default) or xformers' `memory_efficient_attention` when it is
+installed and asked for (`set_attention_backend`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import GroupNorm32
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Kernel choice
+# ---------------------------------------------------------------------------------------------
+
+# Most sequences (batch x heads) handed to one attention kernel call. The fused CUDA kernels put
+# the batch (and for xformers' folded layout batch*heads) on a grid axis limited to 65535 blocks:
+# at batch >= 65536 they fail with "invalid configuration argument" (pytorch/pytorch#146704,
+# facebookresearch/xformers#845). Temporal attention has one sequence per pixel: a 2-item batch
+# at 90x160 latents is 28,800 sequences x 8 heads = 230,400. Capping batch*heads at 2**15 keeps
+# every grid axis under the limit whichever layout the kernel uses, and each call still holds
+# enough work to fill the GPU, so the slicing costs nothing measurable.
+MAX_ATTENTION_BATCH_HEADS = 2**15
+
+_BACKENDS = ("sdpa", "xformers", "auto")
+_requested_backend = "sdpa"
+_xformers_ops = None  # the imported `xformers.ops` module, once loaded
+_logged_choices: set[tuple[str, str]] = set()
+
+
+def _load_xformers():
+    global _xformers_ops
+    if _xformers_ops is None:
+        try:
+            _xformers_ops = importlib.import_module("xformers.ops")
+        except Exception:  # ImportError, or a broken build raising something else on import
+            return None
+    return _xformers_ops
+
+
+def xformers_available() -> bool:
+    return _load_xformers() is not None
+
+
+def set_attention_backend(name: str) -> str:
+    """Choose the attention kernel: "sdpa", "xformers" or "auto" (xformers if importable).
+
+    Returns the backend that will be used on CUDA tensors. xformers has no CPU kernels, so CPU
+    tensors always use SDPA. Raises ValueError for an unknown name or when "xformers" is asked
+    for and cannot be imported.
+    """
+    global _requested_backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {list(_BACKENDS)}")
+    if name == "xformers" and not xformers_available():
+        raise ValueError("attention backend 'xformers' requested but the xformers package cannot be imported")
+    _requested_backend = name
+    _logged_choices.clear()
+    return "xformers" if name == "xformers" or (name == "auto" and xformers_available()) else "sdpa"
+
+
+def get_attention_backend() -> str:
+    """The backend name as requested ("sdpa", "xformers" or "auto")."""
+    return _requested_backend
+
+
+def _backend_for(device: torch.device) -> str:
+    wants_xformers = _requested_backend == "xformers" or (_requested_backend == "auto" and xformers_available())
+    chosen = "xformers" if wants_xformers and device.type == "cuda" else "sdpa"
+    key = (chosen, device.type)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        note = " (xformers has no kernels for this device)" if wants_xformers and chosen == "sdpa" else ""
+        logger.info("attention on %s: %s%s", device.type, chosen, note)
+    return chosen
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head softmax attention, scale 1/sqrt(head_dim).
+
+    q: (B, N, heads*d); k, v: (B, M, heads*d) -> (B, N, heads*d). Long batches are cut into
+    slices of at most MAX_ATTENTION_BATCH_HEADS // heads sequences.
+    """
+    batch, n, inner = q.shape
+    m = k.shape[1]
+    d = inner // heads
+    backend = _backend_for(q.device)
+    step = max(1, MAX_ATTENTION_BATCH_HEADS // heads)
+    out = torch.empty((batch, n, inner), dtype=q.dtype, device=q.device)
+    for start in range(0, batch, step):
+        stop = min(start + step, batch)
+        bs = stop - start
+        # (bs, N, heads*d) -> (bs, N, heads, d): a free view
+        qs = q[start:stop].view(bs, n, heads, d)
+        ks = k[start:stop].view(bs, m, heads, d)
+        vs = v[start:stop].view(bs, m, heads, d)
+        if backend == "xformers":
+            # xformers takes (batch, seq, heads, d) directly, no transposes needed
+            o = _xformers_ops.memory_efficient_attention(qs, ks, vs)
+            out[start:stop] = o.reshape(bs, n, inner)
+        else:
+            # (bs, N, heads, d) -> (bs, heads, N, d) strided views; SDPA accepts them as they are
+            o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2))
+            # (bs, heads, N, d) -> (bs, N, heads, d), written straight into the output
+            out[start:stop].view(bs, n, heads, d).copy_(o.transpose(1, 2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """q/k/v projections without bias, multi-head attention, output projection with bias."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        # A list so the output Linear is `to_out.0` as in the checkpoint (index 1 was a Dropout).
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_repeats: int = 1) -> torch.Tensor:
+        """x: (B, N, query_dim). context: (B / context_repeats, M, context_dim) or None for
+        self-attention; each context row serves `context_repeats` consecutive rows of x (one
+        text context per video serves all its frames), so k/v are projected once per video."""
+        q = self.to_q(x)
+        if context is None:
+            k = self.to_k(x)
+            v = self.to_v(x)
+        else:
+            k = self.to_k(context)
+            v = self.to_v(context)
+            if context_repeats != 1:
+                # (b, M, inner) -> ((b f), M, inner)
+                k = k.repeat_interleave(context_repeats, dim=0)
+                v = v.repeat_interleave(context_repeats, dim=0)
+        out = attention(q, k, v, self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the hidden width, split into value and gate: value * gelu(gate)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU(d -> 4d) then Linear(4d -> d); `net.1` was a Dropout (Identity keeps the indices)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """x += Attn1(LN1(x)); x += Attn2(LN2(x), context); x += FF(LN3(x)).
+
+    With `context_dim=None`, attn2 is a second self-attention (the temporal transformers).
+    `ff_chunk_tokens` (None: off) runs LN3 + feed-forward over at most that many tokens at a
+    time, bounding the 8x-wide GEGLU intermediate; the result is the same.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        # Registration order follows the checkpoint's key order (attn1, ff, attn2, norms).
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff_chunk_tokens: int | None = None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_repeats: int = 1) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, context_repeats)
+        return self._feed_forward(x)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.ff_chunk_tokens
+        tokens = x.reshape(-1, x.shape[-1])  # (all tokens, dim)
+        if chunk is None or tokens.shape[0] <= chunk:
+            return x + self.ff(self.norm3(x))
+        out = torch.empty_like(tokens)
+        for start in range(0, tokens.shape[0], chunk):
+            part = tokens[start : start + chunk]
+            out[start : start + chunk] = part + self.ff(self.norm3(part))
+        return out.view_as(x)
+
+
+class PointwiseConv1d(nn.Module):
+    """A kernel-size-1 Conv1d as stored in the checkpoint (weight `(out, in, 1)`), applied as a
+    Linear over the last axis so token tensors need no channels-first transpose."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        bound = 1.0 / math.sqrt(in_channels)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[:, :, 0], self.bias)
+
+
+class SpatialTransformer(nn.Module):
+    """GN - Linear - transformer block over the h*w tokens of each frame (cross-attention to the
+    text) - Linear - plus input."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = GroupNorm32(channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, context_dim=context_dim)])
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: ((b f), c, h, w); context: (b, M, context_dim), shared by the f frames of a video."""
+        bf, c, h, w = x.shape
+        tokens = self.norm(x)
+        tokens = tokens.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # ((b f), h*w, c)
+        tokens = self.proj_in(tokens)
+        tokens = self.transformer_blocks[0](tokens, context, context_repeats=num_frames)
+        tokens = self.proj_out(tokens)
+        # ((b f), h*w, c) -> ((b f), c, h, w) as a strided view; the add writes a contiguous result
+        return x + tokens.view(bf, h, w, c).permute(0, 3, 1, 2)
+
+
+class TemporalTransformer(nn.Module):
+    """GN over all frames - 1x1 conv - transformer block over the f frames of each pixel (both
+    attentions are self-attention, no positional encoding) - 1x1 conv - plus input."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = GroupNorm32(channels, eps=1e-6)
+        self.proj_in = PointwiseConv1d(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, context_dim=None)])
+        self.proj_out = PointwiseConv1d(inner, channels)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: ((b f), c, h, w) -> same shape."""
+        bf, c, h, w = x.shape
+        b, f = bf // num_frames, num_frames
+        # ((b f), c, h, w) -> (b, c, f, h, w) view: GroupNorm statistics span all frames of a clip
+        normed = self.norm(x.view(b, f, c, h, w).transpose(1, 2))
+        # (b, c, f, h, w) -> ((b h w), f, c): one sequence of f frames per pixel
+        tokens = normed.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)
+        tokens = self.proj_in(tokens)
+        tokens = self.transformer_blocks[0](tokens)
+        tokens = self.proj_out(tokens)
+        # ((b h w), f, c) -> (b, f, c, h, w) view; the add writes the per-frame layout
+        residual = tokens.view(b, h, w, f, c).permute(0, 3, 4, 1, 2)
+        return (x.view(b, f, c, h, w) + residual).view(bf, c, h, w)
