@@ -112,16 +112,16 @@ def _decode(path: Path, keep_frames: bool) -> tuple[VideoInfo, Optional[np.ndarr
         reader.close()
 
     fps = _exact_fps(float(meta.get("fps") or 0.0))
+    expected = round(float(meta.get("duration") or 0.0) * fps)
+    if expected >= 2 and count < _TRUNCATION_RATIO * expected:
+        raise VideoError(f"{path}: truncated video: the header promises about {expected} frames "
+                         f"but only {count} could be decoded")
     if count == 0:
         raise VideoError(f"{path}: video has no frames")
     if count == 1:
         raise VideoError(f"{path}: video has a single frame; at least 2 are needed")
     if fps <= 0:
         raise VideoError(f"{path}: frame rate could not be determined")
-    expected = round(float(meta.get("duration") or 0.0) * fps)
-    if expected >= 2 and count < _TRUNCATION_RATIO * expected:
-        raise VideoError(f"{path}: truncated video: the header promises about {expected} frames "
-                         f"but only {count} could be decoded")
     info = VideoInfo(path=path, width=width, height=height, fps=fps, num_frames=count,
                      codec=str(meta.get("codec", "")).rstrip(","),
                      audio_codec=meta["audio_codec"].rstrip(",") if meta.get("audio_codec") else None)
