@@ -161,3 +161,153 @@ def save_unet_safetensors(model_or_state_dict: torch.nn.Module | Mapping[str, to
 # ---------------------------------------------------------------------------------------------
 # Weight sources and downloads
 # ---------------------------------------------------------------------------------------------
+
+import importlib
+import logging
+
+from huggingface_hub import errors as hub_errors
+from huggingface_hub import hf_hub_download
+
+from venhancer.config import EnhancerConfig
+
+logger = logging.getLogger(__name__)
+
+_HUB = "https://huggingface.co"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """A weight file is neither on disk nor obtainable from the Hugging Face Hub (one-line message)."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # Network failures in the middle of a transfer surface as the HTTP library's own exceptions,
+    # and huggingface_hub has used different libraries over its versions.
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module_name, attribute in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException")):
+        try:
+            found.append(getattr(importlib.import_module(module_name), attribute))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _explain(exc: BaseException, repo_id: str) -> str | None:
+    """Cause and remedy for a hub failure, or None when `exc` is not a hub/network failure."""
+    login = (
+        f"accept its terms at {_HUB}/{repo_id} while logged in, then run `hf auth login` "
+        "(older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
+    )
+    if isinstance(exc, hub_errors.GatedRepoError) or (
+        isinstance(exc, hub_errors.HfHubHTTPError) and _status(exc) == 403
+    ):
+        return f"the repository {repo_id} is gated; {login}"
+    if isinstance(exc, hub_errors.RepositoryNotFoundError) or (
+        isinstance(exc, hub_errors.HfHubHTTPError) and _status(exc) == 401
+    ):
+        # The hub answers 401 both for a missing repository and for a private/gated one without login.
+        return f"the repository {repo_id} was not found or needs a login; check the repo id, or {login}"
+    if isinstance(exc, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, *_transport_errors())):
+        return (
+            "the Hugging Face Hub cannot be reached (no network, or HF_HUB_OFFLINE=1) and no downloaded copy "
+            "was found; connect and retry, or fetch the file on a connected machine and use it locally "
+            "(files already in the Hugging Face cache are used offline with HF_HUB_OFFLINE=1)"
+        )
+    if isinstance(exc, (hub_errors.EntryNotFoundError, hub_errors.RevisionNotFoundError)):
+        return f"the file is not in the repository {repo_id}; check the file name in the config"
+    if isinstance(exc, hub_errors.HfHubHTTPError):
+        return f"the Hugging Face Hub answered with an error ({_status(exc)}); retry later"
+    return None
+
+
+def _download(
+    what: str,
+    repo_id: str,
+    filename: str,
+    local_hint: str,
+    local_dir: Path | None = None,
+) -> Path:
+    """hf_hub_download with every hub/network failure turned into one WeightsUnavailableError.
+
+    With `local_dir` the file lands at local_dir/filename; otherwise in the Hugging Face cache.
+    huggingface_hub writes to a temporary name and renames when complete; should a failed call
+    still leave the final name behind (other hub versions, a killed transfer), it is removed here,
+    so a file at the final name is always complete.
+    """
+    final = None if local_dir is None else local_dir / filename
+    existed = final is not None and final.exists()
+    where = f"at {final}" if final is not None else "in the Hugging Face cache (HF_HOME, default ~/.cache/huggingface)"
+    logger.info("fetching %s: %s/%s -> %s", what, repo_id, filename, where)
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=local_dir))
+    except BaseException as exc:
+        if final is not None and not existed and final.exists():
+            final.unlink()
+        reason = _explain(exc, repo_id)
+        if reason is None:
+            raise
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise WeightsUnavailableError(
+            f"{what} ({filename} from {_HUB}/{repo_id}) is not available: {reason}; "
+            f"expected {where}; or {local_hint}. [{type(exc).__name__}: {first_line}]"
+        ) from exc
+
+
+def _local(what: str, path: Path, source: str, folder: bool = False) -> Path:
+    ok = (path / "config.json").is_file() if folder else path.is_file()
+    if not ok:
+        kind = "a diffusers folder with config.json" if folder else "a file"
+        raise WeightsUnavailableError(f"{what}: {source} points to {path}, which is not {kind}")
+    return path
+
+
+def resolve_unet_checkpoint(cfg: EnhancerConfig, version: str, model_path: str | os.PathLike | None = None) -> Path:
+    """Local path of the VEnhancer checkpoint for `version`, downloading it into `ckpts/` if needed.
+
+    Order: `model_path` (the --model_path flag; "" counts as unset), then config
+    `checkpoints.paths[version]`, then `checkpoints.local_dir/<file>` if present, else download there.
+    """
+    ckpt = cfg.checkpoints
+    filename = ckpt.filename(version)
+    what = f"VEnhancer checkpoint {version}"
+    if model_path:
+        return _local(what, Path(model_path).expanduser(), "--model_path")
+    if ckpt.paths.get(version) is not None:
+        return _local(what, ckpt.paths[version], f"config checkpoints.paths.{version}")
+    target = ckpt.local_dir / filename
+    if target.is_file():
+        # Present already (downloaded before or copied by hand): no network, as in the reference.
+        return target
+    ckpt.local_dir.mkdir(parents=True, exist_ok=True)
+    hint = f"pass --model_path FILE or set checkpoints.paths.{version} in the config"
+    return _download(what, ckpt.repo_id, filename, hint, local_dir=ckpt.local_dir)
+
+
+def resolve_text_encoder_weights(cfg: EnhancerConfig) -> Path:
+    """Local path of the OpenCLIP checkpoint: config `text_encoder.path`, else the hub (HF cache)."""
+    te = cfg.text_encoder
+    what = f"OpenCLIP {te.arch} ({te.pretrained}) weights"
+    if te.path is not None:
+        return _local(what, te.path, "config text_encoder.path")
+    hint = "set text_encoder.path in the config to a local open_clip checkpoint (.safetensors or .bin)"
+    return _download(what, te.repo_id, te.filename, hint)
+
+
+def resolve_vae(cfg: EnhancerConfig) -> Path:
+    """Local diffusers folder of the temporal VAE: config `vae.path`, else the hub (HF cache).
+
+    Only the config and the one weight file of the configured variant are fetched, not the repo.
+    """
+    vae = cfg.vae
+    what = "SVD temporal VAE"
+    if vae.path is not None:
+        return _local(what, vae.path, "config vae.path", folder=True)
+    weights = "diffusion_pytorch_model.safetensors" if vae.variant is None else f"diffusion_pytorch_model.{vae.variant}.safetensors"
+    hint = "set vae.path in the config to a local diffusers folder (config.json + weights)"
+    config_file = _download(what, vae.repo_id, f"{vae.subfolder}/config.json", hint)
+    _download(what, vae.repo_id, f"{vae.subfolder}/{weights}", hint)
+    return config_file.parent

@@ -1,0 +1,229 @@
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLTemporalDecoder
+
+from venhancer.vae import LATENT_SCALE, decode_tiled, encode_frames, expand_latents, load_vae
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    # Four blocks -> three 2x downsamplings, the real factor 8; 32 channels is the GroupNorm minimum.
+    torch.manual_seed(0)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        layers_per_block=1,
+    )
+    return vae.eval().requires_grad_(False)
+
+
+def plain_decode(vae, z):
+    latents = z[0].permute(1, 0, 2, 3) / LATENT_SCALE
+    return vae.decode(latents, num_frames=latents.shape[0]).sample
+
+
+# ---- independent re-statement of SPEC 5/6, used as the expected value -------------------------
+
+
+def spec_windows(size, window, overlap, factor=1.33):
+    out, start = [], 0
+    while not (start + round(window * factor) >= size or start + window >= size):
+        out.append((start, start + window))
+        start += window - overlap
+    return out + [(start, size)]
+
+
+def spec_gaussian(height, width, var=0.02):
+    ys = [math.exp(-((y - height / 2) ** 2) / height**2 / (2 * var)) / math.sqrt(2 * math.pi * var) for y in range(height)]
+    xs = [math.exp(-((x - (width - 1) / 2) ** 2) / width**2 / (2 * var)) / math.sqrt(2 * math.pi * var) for x in range(width)]
+    return np.outer(ys, xs)
+
+
+def spec_tiled_decode(vae, z, tile, tile_overlap, frame_window, frame_overlap):
+    """Reference order: per tile, decode frame windows and cross-fade them, then Gaussian-blend tiles."""
+    _, _, f, h, w = z.shape
+    image = np.zeros((3, f, 8 * h, 8 * w))
+    count = np.zeros_like(image)
+    for h0, h1 in spec_windows(h, tile[0], tile_overlap[0]):
+        for w0, w1 in spec_windows(w, tile[1], tile_overlap[1]):
+            chunks = []
+            for t0, t1 in spec_windows(f, frame_window, frame_overlap):
+                part = z[0, :, t0:t1, h0:h1, w0:w1].permute(1, 0, 2, 3) / LATENT_SCALE
+                chunks.append(vae.decode(part, num_frames=t1 - t0).sample.double().numpy().transpose(1, 0, 2, 3))
+            kept = []
+            for i, chunk in enumerate(chunks):
+                if i > 0:
+                    prev = chunks[i - 1]
+                    for j in range(frame_overlap):
+                        chunk[:, j] = prev[:, -frame_overlap + j] * (1 - j / frame_overlap) + chunk[:, j] * (j / frame_overlap)
+                kept.append(chunk if i == len(chunks) - 1 else chunk[:, : chunk.shape[1] - frame_overlap])
+            tile_video = np.concatenate(kept, axis=1)
+            weight = spec_gaussian(tile_video.shape[2], tile_video.shape[3])
+            image[:, :, 8 * h0 : 8 * h1, 8 * w0 : 8 * w1] += tile_video * weight
+            count[:, :, 8 * h0 : 8 * h1, 8 * w0 : 8 * w1] += weight
+    return (image / count).transpose(1, 0, 2, 3)
+
+
+def test_spec_helpers_match_reference_tables():
+    tables = json.loads((FIXTURES / "tables.json").read_text())
+    const = tables["tiled_decode"]["constants"]
+    for row in tables["tiled_decode"]["spatial"]:
+        assert spec_windows(row["latent_h"], const["tile_latent_h"], const["overlap_latent_h"]) == [tuple(x) for x in row["height_windows"]]
+        assert spec_windows(row["latent_w"], const["tile_latent_w"], const["overlap_latent_w"]) == [tuple(x) for x in row["width_windows"]]
+    for row in tables["tiled_decode"]["temporal"]:
+        assert spec_windows(row["num_frames"], const["frame_window"], const["frame_overlap"]) == [tuple(x) for x in row["time_windows"]]
+    for row in tables["gaussian_weights"]["rows"][:2]:
+        np.testing.assert_allclose(spec_gaussian(row["tile_height"], row["tile_width"]), row["weights"], rtol=1e-12)
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+
+
+def test_encode_frames_is_scaled_posterior_sample(tiny_vae):
+    frames = torch.rand(3, 3, 32, 48) * 2 - 1
+    noise = torch.randn(3, 4, 4, 6)
+    z = encode_frames(tiny_vae, frames, noise=noise)
+    assert z.shape == (1, 4, 3, 4, 6)
+    posterior = tiny_vae.encode(frames).latent_dist
+    expected = (posterior.mean + posterior.std * noise) * LATENT_SCALE
+    torch.testing.assert_close(z[0].permute(1, 0, 2, 3), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_frames_batch_size_and_generator(tiny_vae):
+    frames = torch.rand(5, 3, 16, 24) * 2 - 1
+    a = encode_frames(tiny_vae, frames, generator=torch.Generator().manual_seed(3), batch_size=1)
+    b = encode_frames(tiny_vae, frames, generator=torch.Generator().manual_seed(3), batch_size=4)
+    c = encode_frames(tiny_vae, frames, generator=torch.Generator().manual_seed(4), batch_size=1)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max() > 1e-3  # the sample really is random
+
+
+def test_encode_frames_rejects_bad_input(tiny_vae):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        encode_frames(tiny_vae, torch.zeros(1, 3, 20, 24))
+    with pytest.raises(ValueError, match="noise must have shape"):
+        encode_frames(tiny_vae, torch.zeros(2, 3, 16, 16), noise=torch.zeros(1, 4, 2, 2))
+
+
+def test_expand_latents_repeats_key_frames():
+    z_key = torch.arange(3.0).view(1, 1, 3, 1, 1)
+    assert expand_latents(z_key, 2).flatten().tolist() == [0, 0, 0, 1, 1, 1, 2]
+    assert expand_latents(z_key, 0).flatten().tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="-1"):
+        expand_latents(z_key, -1)
+
+
+def test_repeated_latents_equal_encoding_repeated_frames(tiny_vae):
+    k = 2
+    frames = torch.rand(3, 3, 16, 24) * 2 - 1
+    noise = torch.randn(3, 4, 2, 3)
+    repeated_frames = frames.repeat_interleave(k + 1, dim=0)[: -k]
+    repeated_noise = noise.repeat_interleave(k + 1, dim=0)[: -k]
+    expanded = expand_latents(encode_frames(tiny_vae, frames, noise=noise), k)
+    direct = encode_frames(tiny_vae, repeated_frames, noise=repeated_noise)
+    assert expanded.shape == (1, 4, 7, 2, 3)
+    torch.testing.assert_close(expanded, direct, atol=1e-6, rtol=1e-6)
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+
+
+def test_tiled_decode_single_tile_equals_plain_decode(tiny_vae):
+    z = torch.randn(1, 4, 4, 6, 10) * LATENT_SCALE
+    chunks = list(decode_tiled(tiny_vae, z, tile=(8, 16), tile_overlap=(2, 4), frame_window=5, frame_overlap=2))
+    assert len(chunks) == 1 and chunks[0].device.type == "cpu" and chunks[0].dtype == torch.float32
+    torch.testing.assert_close(chunks[0], plain_decode(tiny_vae, z), atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_decode_multi_tile_multi_window_matches_spec(tiny_vae):
+    torch.manual_seed(1)
+    z = torch.randn(1, 4, 9, 14, 16) * LATENT_SCALE
+    settings = dict(tile=(8, 10), tile_overlap=(3, 4), frame_window=4, frame_overlap=2)
+    # 2 x 2 tiles, frame windows (0,4) (2,6) (4,9): several tiles, several windows, uneven last ones.
+    assert spec_windows(14, 8, 3) == [(0, 8), (5, 14)]
+    assert spec_windows(16, 10, 4) == [(0, 10), (6, 16)]
+    assert spec_windows(9, 4, 2) == [(0, 4), (2, 6), (4, 9)]
+    calls = []
+    chunks = list(decode_tiled(tiny_vae, z, progress=lambda done, total: calls.append((done, total)), **settings))
+    assert [c.shape[0] for c in chunks] == [2, 2, 5]
+    got = torch.cat(chunks).double().numpy()
+    expected = spec_tiled_decode(tiny_vae, z, **settings)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+    assert calls == [(i, 12) for i in range(1, 13)]
+    # The blend matters here: a plain decode is far from it, so the comparison above can fail.
+    assert np.abs(plain_decode(tiny_vae, z).double().numpy() - expected).max() > 1e-3
+
+
+class _RecordingVAE(torch.nn.Module):
+    """Stands in for the decoder: records what it is asked and returns cheap, position-coded pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(latent_channels=4)
+        self.calls = []
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def decode(self, z, num_frames):
+        self.calls.append((tuple(z.shape), num_frames))
+        pixels = z[:, :3].repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+        return SimpleNamespace(sample=pixels)
+
+
+def test_tiled_decode_default_plan_follows_reference_tables():
+    tables = json.loads((FIXTURES / "tables.json").read_text())["tiled_decode"]
+    row = next(r for r in tables["spatial"] if (r["latent_h"], r["latent_w"]) == (144, 240))
+    time_row = next(r for r in tables["temporal"] if r["num_frames"] == 9)
+    fake = _RecordingVAE()
+    z = torch.randn(1, 4, 9, 144, 240)
+    out = torch.cat(list(decode_tiled(fake, z)))
+    expected_calls = [
+        ((t1 - t0, 4, h1 - h0, w1 - w0), t1 - t0)
+        for t0, t1 in time_row["time_windows"]
+        for h0, h1 in row["height_windows"]
+        for w0, w1 in row["width_windows"]
+    ]
+    assert fake.calls == expected_calls
+    # A decoder that is pointwise in space and time makes every blend an identity.
+    expected = (z[0, :3] / LATENT_SCALE).repeat_interleave(8, dim=2).repeat_interleave(8, dim=3).permute(1, 0, 2, 3)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_decode_tiled_rejects_bad_settings_at_call(tiny_vae):
+    z = torch.zeros(1, 4, 3, 4, 4)
+    # Raised by the call itself, not deferred to the first chunk.
+    with pytest.raises(ValueError, match="overlap.*5"):
+        decode_tiled(tiny_vae, z, frame_window=5, frame_overlap=5)
+    with pytest.raises(ValueError, match="overlap.*128"):
+        decode_tiled(tiny_vae, z, tile_overlap=(12, 128))
+    with pytest.raises(ValueError, match="shape"):
+        decode_tiled(tiny_vae, z[0])
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["fp16", None])
+def test_load_vae_from_local_folder(tiny_vae, tmp_path, variant):
+    tiny_vae.save_pretrained(tmp_path, variant=variant)
+    loaded = load_vae(tmp_path, device="cpu", dtype=torch.float32)
+    assert isinstance(loaded, AutoencoderKLTemporalDecoder)
+    for (name, a), (_, b) in zip(tiny_vae.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_load_vae_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_vae(tmp_path / "nowhere")
