@@ -1,5 +1,5 @@
-"""The deterministic synthetic-weight rule used to make the reference vectors (see
-tests/fixtures/README-less description in the reference notes), re-implemented for the tests.
+"""The deterministic synthetic-weight rule with which the reference vectors were made,
+re-implemented for the tests (the fingerprint files in tests/fixtures pin it down).
 
 Entry number k (0-based, manifest order) with key `key` and shape `shape`, for a given seed:
     u = numpy PCG64 generator seeded with seed * 1_000_003 + k, `random(prod(shape))` (float64)

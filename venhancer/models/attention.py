@@ -101,10 +101,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     for start in range(0, batch, step):
         stop = min(start + step, batch)
         bs = stop - start
-        # (bs, N, heads*d) -> (bs, N, heads, d): a free view
-        qs = q[start:stop].view(bs, n, heads, d)
-        ks = k[start:stop].view(bs, m, heads, d)
-        vs = v[start:stop].view(bs, m, heads, d)
+        # (bs, N, heads*d) -> (bs, N, heads, d): a free view for the contiguous projections
+        qs = q[start:stop].reshape(bs, n, heads, d)
+        ks = k[start:stop].reshape(bs, m, heads, d)
+        vs = v[start:stop].reshape(bs, m, heads, d)
         if backend == "xformers":
             # xformers takes (batch, seq, heads, d) directly, no transposes needed
             o = _xformers_ops.memory_efficient_attention(qs, ks, vs)
@@ -250,7 +250,7 @@ class SpatialTransformer(nn.Module):
         tokens = self.transformer_blocks[0](tokens, context, context_repeats=num_frames)
         tokens = self.proj_out(tokens)
         # ((b f), h*w, c) -> ((b f), c, h, w) as a strided view; the add writes a contiguous result
-        return x + tokens.view(bf, h, w, c).permute(0, 3, 1, 2)
+        return x + tokens.reshape(bf, h, w, c).permute(0, 3, 1, 2)
 
 
 class TemporalTransformer(nn.Module):
@@ -270,12 +270,12 @@ class TemporalTransformer(nn.Module):
         bf, c, h, w = x.shape
         b, f = bf // num_frames, num_frames
         # ((b f), c, h, w) -> (b, c, f, h, w) view: GroupNorm statistics span all frames of a clip
-        normed = self.norm(x.view(b, f, c, h, w).transpose(1, 2))
+        normed = self.norm(x.reshape(b, f, c, h, w).transpose(1, 2))
         # (b, c, f, h, w) -> ((b h w), f, c): one sequence of f frames per pixel
         tokens = normed.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)
         tokens = self.proj_in(tokens)
         tokens = self.transformer_blocks[0](tokens)
         tokens = self.proj_out(tokens)
         # ((b h w), f, c) -> (b, f, c, h, w) view; the add writes the per-frame layout
-        residual = tokens.view(b, h, w, f, c).permute(0, 3, 4, 1, 2)
-        return (x.view(b, f, c, h, w) + residual).view(bf, c, h, w)
+        residual = tokens.reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2)
+        return (x.reshape(b, f, c, h, w) + residual).reshape(bf, c, h, w)

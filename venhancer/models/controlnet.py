@@ -88,9 +88,9 @@ class VideoControlNet(nn.Module):
         f = mask_cond.shape[1]
         # (b, c, n, h, w) -> ((b n), c, h, w): every key frame is projected once
         feats = self.input_hint_block(hint.transpose(1, 2).reshape(b * n_key, c, h, w))
-        feats = feats.view(b, n_key, -1, h, w)
+        feats = feats.reshape(b, n_key, -1, h, w)
         item = torch.arange(b, device=hint.device)[:, None]  # (b, 1)
         gathered = feats[item, mask_cond.clamp(min=0)]  # (b, f, hint_dim, h, w)
         is_key = (mask_cond >= 0)[:, :, None, None, None]
         add = torch.where(is_key, gathered, torch.zeros_like(gathered))
-        return add.view(b * f, -1, h, w)
+        return add.reshape(b * f, -1, h, w)

@@ -65,7 +65,7 @@ def _frames_to_video(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     # ((b f), c, h, w) -> (b, c, f, h, w), contiguous: GroupNorm and Conv3d want frames as an
     # axis next to the spatial ones, and would copy a strided view internally anyway.
     bf, c, h, w = x.shape
-    return x.view(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
+    return x.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
 
 
 def _video_to_frames(x: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ class VEnhancerUNet(nn.Module):
             x = block(x, emb, context, f)
         x = self.out(x)
 
-        v = x.view(b, f, -1, h, w).transpose(1, 2).to(out_dtype)  # ((b f), c, h, w) -> (b, c, f, h, w)
+        v = x.reshape(b, f, -1, h, w).transpose(1, 2).to(out_dtype)  # ((b f), c, h, w) -> (b, c, f, h, w)
         v = v.contiguous()
         if return_control:
             return v, control
