@@ -1,7 +1,8 @@
 """Write a tiny random-weight model set with which the whole tool runs offline on CPU in seconds.
 
-    python tests/make_tiny_models.py OUTDIR
-    python enhance_a_video.py --config OUTDIR/config.json --input_path clip.mp4 --solver_mode normal --steps 2
+    python tests/make_tiny_models.py OUTDIR --clip OUTDIR/clip.mp4
+    python enhance_a_video.py --config OUTDIR/config.json --input_path OUTDIR/clip.mp4 \
+        --solver_mode normal --steps 2 --up_scale 2 --target_fps 16
 
 OUTDIR receives config.json (small network, small size bounds and windows, every weight path
 local), unet.safetensors (the network checkpoint, used for v1 and v2), text_encoder.safetensors
@@ -102,8 +103,11 @@ def make_clip(path: Path | str, width: int = 56, height: int = 36, frames: int =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a tiny random-weight VEnhancer model set.")
     parser.add_argument("outdir", type=Path)
+    parser.add_argument("--clip", type=Path, help="also write a 9-frame 56x36 8 fps test clip with audio here")
     args = parser.parse_args(argv)
     print(make_tiny_models(args.outdir))
+    if args.clip is not None:
+        print(make_clip(args.clip, audio=True))
     return 0
 
 

@@ -1,0 +1,261 @@
+"""The enhance_a_video.py tool end to end with the tiny offline model set (tests/make_tiny_models.py)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from make_tiny_models import make_clip, make_tiny_models
+from venhancer import cli
+from venhancer.video_io import ffmpeg_exe, probe_video
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "enhance_a_video.py"
+# 9 frames at 8 fps, up_scale 2, target 16 fps: k = 1, 17 frames at 16 fps, 72x112 padded to 80x128.
+FAST = ["--solver_mode", "normal", "--steps", "2", "--up_scale", "2", "--target_fps", "16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    return make_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    make_clip(folder / "with_audio.mp4", audio=True)
+    make_clip(folder / "one_frame.mp4", frames=1)
+    (folder / "not_video.mp4").write_text("plain text, not a video\n" * 10)
+    (folder / "empty.mp4").write_bytes(b"")
+    data = make_clip(folder / "whole.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def run_tool(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def run_main(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def error_lines(text):
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def stream_lines(path):
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    return [line.strip() for line in out.stderr.splitlines() if line.strip().startswith("Stream #")]
+
+
+def test_end_to_end_with_audio(tiny_config, clips, tmp_path):
+    save = tmp_path / "results"
+    proc = run_tool("--config", tiny_config, "--input_path", clips / "with_audio.mp4", "--save_dir", save, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = save / "with_audio.mp4"
+    assert sorted(p.name for p in save.iterdir()) == ["with_audio.json", "with_audio.mp4"]
+    info = probe_video(out)
+    assert (info.num_frames, info.fps, info.width, info.height) == ((9 - 1) * 2 + 1, 16, 112, 72)
+    video, audio = stream_lines(out)
+    assert "Video: h264" in video and "yuv420p" in video and "112x72" in video
+    assert "Audio: aac" in audio
+    sidecar = json.loads((save / "with_audio.json").read_text())
+    assert sidecar["settings"] == {"up_scale": 2.0, "target_fps": 16.0, "noise_aug": 200, "solver_mode": "normal",
+                                   "steps": 2, "cfg": 7.5, "s_cond": 8.0, "seed": 666}
+    assert sidecar["input"]["frames"] == 9 and sidecar["output"]["frames"] == 17
+    assert sidecar["model"]["version"] == "v1" and sidecar["prompt"] == "a good video"
+    assert set(sidecar["timings_s"]) == {"read", "encode", "text", "sample", "decode_write", "total"}
+    assert "summary: 1 enhanced, 0 skipped (output exists), 0 failed" in proc.stderr
+
+
+def test_folder_run_skips_bad_videos_resumes_and_overwrites(tiny_config, clips, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_clip(folder / "b_good.mp4")
+    (folder / "b_good.txt").write_text("a test pattern\nsecond line ignored\n")
+    (folder / "a_corrupt.mp4").write_bytes((clips / "not_video.mp4").read_bytes())
+    (folder / "c_single.MOV").write_bytes((clips / "one_frame.mp4").read_bytes())
+    (folder / "notes.txt").write_text("not a video")
+    save = tmp_path / "results"
+
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", folder, "--save_dir", save, *FAST)
+    assert code == 1
+    assert sorted(p.name for p in save.iterdir()) == ["b_good.json", "b_good.mp4"]
+    assert "summary: 1 enhanced, 0 skipped (output exists), 2 failed" in log
+    assert re.search(r"failed: a_corrupt\.mp4: .*not a readable video", log)
+    assert re.search(r"failed: c_single\.MOV: .*single frame", log)
+    assert json.loads((save / "b_good.json").read_text())["prompt"] == "a test pattern"
+    first = (save / "b_good.mp4").stat().st_mtime_ns
+
+    # A rerun resumes: the finished output is skipped and no model is loaded.
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", folder, "--save_dir", save, *FAST)
+    assert code == 1
+    assert "0 enhanced, 1 skipped (output exists), 2 failed" in log and "loading network" not in log
+    assert (save / "b_good.mp4").stat().st_mtime_ns == first
+
+    (folder / "a_corrupt.mp4").unlink()
+    (folder / "c_single.MOV").unlink()
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", folder, "--save_dir", save,
+                         "--overwrite", *FAST)
+    assert code == 0
+    assert "1 enhanced, 0 skipped (output exists), 0 failed" in log
+    assert (save / "b_good.mp4").stat().st_mtime_ns != first
+    assert sorted(p.name for p in save.iterdir()) == ["b_good.json", "b_good.mp4"]
+
+
+def bogus_weights_config(tiny_config, tmp_path):
+    config = json.loads(Path(tiny_config).read_text())
+    config["checkpoints"]["paths"] = {"v1": str(tmp_path / "nope.pt"), "v2": str(tmp_path / "nope.pt")}
+    config["text_encoder"]["path"] = str(tmp_path / "nope.safetensors")
+    config["vae"]["path"] = str(tmp_path / "no_vae")
+    path = tmp_path / "bogus.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_dry_run_loads_no_weights(tiny_config, clips, tmp_path, capsys):
+    config = bogus_weights_config(tiny_config, tmp_path)
+    save = tmp_path / "results"
+    code, log = run_main(capsys, "--config", config, "--input_path", clips / "with_audio.mp4", "--save_dir", save,
+                         "--dry_run", "--noise_aug", "400", *FAST)
+    assert code == 0, log
+    assert "warning: noise_aug 400 is outside [0, 300]; using 300" in log
+    assert ("input 56x36 @ 8 fps, 9 frames -> output 112x72 @ 16 fps, 17 frames (1 inserted per pair); "
+            "network input 128x80 (latent 16x10); temporal windows [(0, 7), (4, 11), (8, 17)]; "
+            "network evaluations 2 steps x 2 branches x 3 windows = 12") in log
+    assert "loading" not in log
+    assert not save.exists()
+    # The same config without --dry_run fails cleanly on the missing weights.
+    code, log = run_main(capsys, "--config", config, "--input_path", clips / "with_audio.mp4", "--save_dir", save, *FAST)
+    assert code == 1
+    assert error_lines(log) and "could not load the models" in error_lines(log)[0]
+    assert list(save.iterdir()) == []
+
+
+def test_wrong_checkpoint_is_reported(tiny_config, clips, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "other_model.safetensors"
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(wrong))
+    save = tmp_path / "results"
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / "with_audio.mp4",
+                         "--save_dir", save, "--model_path", wrong, *FAST)
+    assert code == 1
+    assert "not a VEnhancer network checkpoint" in error_lines(log)[0]
+    assert list(save.iterdir()) == []
+
+
+BAD_VIDEOS = [
+    ("missing.mp4", 2, "input path not found"),
+    ("not_video.mp4", 1, "not a readable video"),
+    ("empty.mp4", 1, "empty file"),
+    ("truncated.mp4", 1, "not a readable video"),
+    ("one_frame.mp4", 1, "single frame"),
+]
+
+
+@pytest.mark.parametrize("name,code,message", BAD_VIDEOS)
+def test_bad_videos(tiny_config, clips, tmp_path, capsys, name, code, message):
+    save = tmp_path / "results"
+    got, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / name, "--save_dir", save, *FAST)
+    assert got == code
+    assert message in error_lines(log)[0] and name in error_lines(log)[0]
+    assert "Traceback" not in log and "loading network" not in log
+    assert not save.exists() or list(save.iterdir()) == []
+
+
+BAD_OPTIONS = [
+    (["--up_scale", "0"], "up_scale must be in (0, 8], got 0.0"),
+    (["--up_scale", "8.5"], "up_scale must be in (0, 8], got 8.5"),
+    (["--target_fps", "0"], "target_fps must be > 0, got 0.0"),
+    (["--target_fps", "nan"], "target_fps must be a finite number"),
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--cfg", "0.5"], "cfg (guidance scale) must be >= 1, got 0.5"),
+    (["--s_cond", "-1"], "s_cond must be >= 0"),
+    (["--seed", "-1"], "seed must be in [0, 2**63), got -1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_OPTIONS)
+def test_bad_options(tiny_config, clips, tmp_path, capsys, args, message):
+    save = tmp_path / "results"
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / "with_audio.mp4",
+                         "--save_dir", save, *FAST, *args)
+    assert code == 2
+    assert error_lines(log) == [f"error: {message}"] or message in error_lines(log)[0]
+    assert not save.exists()
+
+
+def test_unwritable_save_dir(tiny_config, clips, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / "with_audio.mp4",
+                         "--save_dir", blocker / "results", *FAST)
+    assert code == 2
+    assert "cannot be created or written" in error_lines(log)[0]
+
+
+def test_prompt_count_mismatch(tiny_config, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (folder / name).write_bytes(b"unused: the count is checked first")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("only one prompt\n\n")
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", folder, "--prompt_path", prompts,
+                         "--save_dir", tmp_path / "results", *FAST)
+    assert code == 2
+    assert "has 1 non-empty lines but there are 2 videos" in error_lines(log)[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_but_absent(tiny_config, clips, tmp_path, capsys):
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / "with_audio.mp4",
+                         "--save_dir", tmp_path / "results", "--device", "cuda", *FAST)
+    assert code == 2
+    assert "CUDA is not available" in error_lines(log)[0]
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tiny_config, clips, tmp_path):
+    proc = run_tool("--config", tiny_config, "--input_path", clips / "one_frame.mp4", "--save_dir", tmp_path / "r")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "single frame" in error_lines(proc.stderr)[0]
+
+
+def test_prompt_precedence(tmp_path):
+    videos = [tmp_path / "a clip.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"]
+    (tmp_path / "a clip.txt").write_text("from sidecar\nignored\n")
+    (tmp_path / "c.txt").write_text("")
+    assert cli.resolve_prompts(videos, "default", "", False) == ["from sidecar", "default", "default"]
+    assert cli.resolve_prompts(videos, "default", "", True) == ["a clip", "b", "c"]
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("one\n\n two \nthree\n")
+    assert cli.resolve_prompts(videos, "default", str(listed), False) == ["one", "two", "three"]
+    assert cli.resolve_prompts(videos, "default", str(listed), True) == ["a clip", "b", "c"]
+
+
+def test_help_lists_every_reference_flag():
+    text = cli.build_parser().format_help()
+    for flag in ["--input_path", "--save_dir", "--version", "--model_path", "--prompt", "--prompt_path",
+                 "--filename_as_prompt", "--cfg", "--solver_mode", "--steps", "--noise_aug", "--target_fps",
+                 "--up_scale", "--s_cond", "--seed", "--config", "--device", "--overwrite", "--dry_run",
+                 "--log_level"]:
+        assert flag in text
+    args = vars(cli.build_parser().parse_args(["--input_path", "x"]))
+    expected = {"save_dir": "results", "version": "v1", "model_path": "", "prompt": "a good video",
+                "prompt_path": "", "filename_as_prompt": False, "cfg": 7.5, "solver_mode": "fast", "steps": 15,
+                "noise_aug": 200, "target_fps": 24, "up_scale": 4, "s_cond": 8, "seed": 666, "device": "auto",
+                "overwrite": False, "dry_run": False}
+    assert {k: args[k] for k in expected} == expected

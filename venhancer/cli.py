@@ -1,0 +1,264 @@
+"""Command line of `enhance_a_video.py`: the reference's flags plus seed, config, device, dry run.
+
+Every failure the user can cause (bad path, unusable video, bad option, missing or wrong weights,
+absent GPU, out of memory) ends as one log line and a non-zero exit code, never a traceback; the
+full traceback of an unexpected error is logged at --log_level debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tqdm import tqdm
+
+logger = logging.getLogger("venhancer")
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # at least one video failed, or the models could not be loaded
+EXIT_USAGE = 2  # bad arguments or inputs: nothing was run
+EXIT_INTERRUPTED = 130
+
+
+class _TqdmHandler(logging.Handler):
+    """One line per record on stderr, written around any live progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        # Tracebacks only when asked for (--log_level debug logs them with exc_info).
+        if record.exc_info and logging.getLogger("venhancer").isEnabledFor(logging.DEBUG):
+            message += "\n" + self.formatException(record.exc_info)
+        return message
+
+
+def setup_logging(level: str) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)  # third-party libraries: warnings and errors only
+    logging.getLogger("venhancer").setLevel(level.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="enhance_a_video.py",
+        description="VEnhancer: spatial and temporal super-resolution and refinement of videos "
+                    "with one video diffusion model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input_path", required=True,
+                   help="a video file, or a folder: every mp4/mov/webm/mkv/gif in it, sorted by name")
+    p.add_argument("--save_dir", default="results", help="output folder (created if missing)")
+    p.add_argument("--version", default="v1", choices=["v1", "v2"],
+                   help="checkpoint: v1 = venhancer_paper.pt, v2 = venhancer_v2.pt")
+    p.add_argument("--model_path", default="", help="local network checkpoint; empty: the config's file, downloaded if missing")
+    p.add_argument("--prompt", default="a good video", help="text describing the video")
+    p.add_argument("--prompt_path", default="",
+                   help="text file with one prompt per non-empty line, one per video in sorted order")
+    p.add_argument("--filename_as_prompt", action="store_true", help="use each video's file name (stem) as its prompt")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (>= 1)")
+    p.add_argument("--solver_mode", default="fast", choices=["fast", "normal"],
+                   help="fast: 15 fixed timesteps; normal: --steps timesteps")
+    p.add_argument("--steps", type=int, default=15, help="denoising steps in normal mode")
+    p.add_argument("--noise_aug", type=int, default=200,
+                   help="refinement strength 0-300 (noise added to the input latents; higher changes more)")
+    p.add_argument("--target_fps", type=float, default=24, help="output frame rate to aim for (frames are inserted)")
+    p.add_argument("--up_scale", type=float, default=4, help="spatial up-scaling factor (0, 8]; the output area is bounded")
+    p.add_argument("--s_cond", type=float, default=8, help="scale condition of the ControlNet")
+    p.add_argument("--seed", type=int, default=666, help="random seed, applied anew to each video")
+    p.add_argument("--config", default=None, help="JSON model/sizing config (default: configs/venhancer.json)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="model precision; auto: float16 on CUDA, float32 on CPU")
+    p.add_argument("--overwrite", action="store_true", help="redo videos whose output already exists")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print per video the planned sizes, frame rates, windows and network evaluations; loads no weights")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+@dataclass
+class Job:
+    video: Path
+    prompt: str
+    output: Path
+
+
+class UsageError(ValueError):
+    """Bad arguments or inputs detected before anything runs."""
+
+
+def collect_videos(input_path: Path) -> list[Path]:
+    from venhancer.video_io import VIDEO_EXTENSIONS, list_videos
+
+    if not input_path.exists():
+        raise UsageError(f"input path not found: {input_path}")
+    if input_path.is_dir():
+        videos = list_videos(input_path)
+        if not videos:
+            raise UsageError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in folder {input_path}")
+        return videos
+    return [input_path]
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read prompt file {path}: {exc}") from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def resolve_prompts(videos: Sequence[Path], prompt: str, prompt_path: str, filename_as_prompt: bool) -> list[str]:
+    """Per-video prompts. Precedence: file name, then --prompt_path, then `<stem>.txt`, then --prompt."""
+    if filename_as_prompt:
+        return [v.stem for v in videos]
+    if prompt_path:
+        lines = _read_lines(Path(prompt_path))
+        if len(lines) != len(videos):
+            raise UsageError(f"prompt file {prompt_path} has {len(lines)} non-empty lines but there are "
+                             f"{len(videos)} videos; give one prompt per video, in sorted order")
+        return lines
+    prompts = []
+    for video in videos:
+        sidecar = video.with_suffix(".txt")
+        first = ""
+        if sidecar.is_file():
+            try:
+                first = sidecar.read_text(encoding="utf-8").splitlines()[0].strip() if sidecar.stat().st_size else ""
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"cannot read prompt file {sidecar}: {exc}") from exc
+        prompts.append(first or prompt)
+    return prompts
+
+
+def _summary(done: list[str], skipped: list[str], failed: list[tuple[str, str]], verb: str) -> None:
+    parts = [f"{len(done)} {verb}", f"{len(skipped)} skipped (output exists)", f"{len(failed)} failed"]
+    logger.info("summary: %s", ", ".join(parts))
+    for name, reason in failed:
+        logger.error("failed: %s: %s", name, reason)
+
+
+def _failure(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        logger.error("interrupted; finished outputs are kept, the one in progress was removed")
+        return EXIT_INTERRUPTED
+
+
+def _main(args: argparse.Namespace) -> int:
+    # Heavy imports (torch, diffusers, open_clip) after argument parsing: --help stays instant.
+    from venhancer.config import load_config
+    from venhancer.loading import CheckpointError, WeightsUnavailableError
+    from venhancer.pipeline import (
+        EnhanceError,
+        Enhancer,
+        EnhanceOptions,
+        DeviceError,
+        output_path_for,
+        plan_video,
+        prepare_save_dir,
+        resolve_device,
+        resolve_dtype,
+    )
+    from venhancer.video_io import VideoError, probe_video
+
+    try:
+        options = EnhanceOptions(up_scale=args.up_scale, target_fps=args.target_fps, noise_aug=args.noise_aug,
+                                 solver_mode=args.solver_mode, steps=args.steps, cfg=args.cfg,
+                                 s_cond=args.s_cond, seed=args.seed)
+        config = load_config(args.config)
+        videos = collect_videos(Path(args.input_path))
+        prompts = resolve_prompts(videos, args.prompt, args.prompt_path, args.filename_as_prompt)
+        if not args.dry_run:
+            device = resolve_device(args.device)
+            resolve_dtype(args.dtype, device)
+            prepare_save_dir(Path(args.save_dir))
+    except (ValueError, OSError, DeviceError) as exc:
+        logger.error("%s", _failure(exc))
+        return EXIT_USAGE
+
+    save_dir = Path(args.save_dir)
+    failed: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    jobs: list[Job] = []
+    outputs: dict[Path, Path] = {}
+    for video, prompt in zip(videos, prompts):
+        out = output_path_for(video, save_dir)
+        if out in outputs:
+            failed.append((video.name, f"output {out.name} is already produced by {outputs[out].name}"))
+            continue
+        outputs[out] = video
+        if out.exists() and out.resolve() == video.resolve():
+            failed.append((video.name, "the output would overwrite the input; choose another --save_dir"))
+        elif out.exists() and not args.overwrite:
+            skipped.append(video.name)
+        else:
+            jobs.append(Job(video, prompt, out))
+
+    # Check every video before any weights are loaded, so a bad file costs nothing.
+    ready: list[Job] = []
+    for job in jobs:
+        try:
+            info = probe_video(job.video)
+            plan = plan_video(info, options, config.planning)
+        except ValueError as exc:  # VideoError, or a video the planning rules reject
+            failed.append((job.video.name, _failure(exc)))
+            logger.error("%s", _failure(exc))
+            continue
+        if args.dry_run:
+            logger.info("%s: %s; prompt %r; output %s", job.video.name, plan.describe(), job.prompt, job.output)
+        ready.append(job)
+
+    if args.dry_run:
+        for name in skipped:
+            logger.info("%s: output exists, would be skipped (use --overwrite to redo)", name)
+        _summary([j.video.name for j in ready], skipped, failed, "planned")
+        return EXIT_FAILED if failed else EXIT_OK
+
+    done: list[str] = []
+    if ready:
+        try:
+            enhancer = Enhancer(config, version=args.version, model_path=args.model_path or None,
+                                device=args.device, dtype=args.dtype)
+        except (CheckpointError, WeightsUnavailableError, DeviceError, OSError, ValueError) as exc:
+            logger.error("could not load the models: %s", _failure(exc))
+            return EXIT_FAILED
+        for job in ready:
+            try:
+                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite)
+                done.append(job.video.name)
+            except (VideoError, EnhanceError, ValueError, OSError) as exc:
+                failed.append((job.video.name, _failure(exc)))
+                logger.error("%s", _failure(exc))
+            except Exception as exc:  # keep the folder run going; details at --log_level debug
+                failed.append((job.video.name, f"{type(exc).__name__}: {_failure(exc)}"))
+                logger.error("%s: unexpected error: %s: %s", job.video.name, type(exc).__name__, _failure(exc),
+                             exc_info=True)
+    for name in skipped:
+        logger.info("%s: output exists, skipped (use --overwrite to redo)", name)
+    _summary(done, skipped, failed, "enhanced")
+    return EXIT_FAILED if failed else EXIT_OK

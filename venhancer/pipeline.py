@@ -1,0 +1,435 @@
+"""Per-video enhancement (SPEC section 1): read, plan, encode, denoise, decode, write.
+
+`Enhancer` loads the three models once and enhances any number of videos:
+
+    from venhancer.pipeline import Enhancer
+    enhancer = Enhancer()                       # default config, v1 checkpoint, auto device
+    result = enhancer.enhance("inputs/000000.mp4", "a red ball bouncing", up_scale=2)
+    print(result.output_path, result.timings)
+
+`plan_video` computes every size, frame count and window of a run without loading any weights
+(the dry run uses it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from venhancer import __version__
+from venhancer.config import EnhancerConfig, PlanningConfig, load_config
+from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
+from venhancer.loading import load_unet, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
+from venhancer.planning import (
+    chunk_windows,
+    interp_frames,
+    mask_cond,
+    output_fps,
+    output_frame_count,
+    pad_to_fit,
+    target_resolution,
+)
+from venhancer.text_encoder import NEGATIVE_PROMPT, build_caption, load_text_encoder
+from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae
+from venhancer.video_io import VideoInfo, VideoWriter, read_video
+
+logger = logging.getLogger(__name__)
+
+SOLVER_MODES = ("fast", "normal")
+VERSIONS = ("v1", "v2")
+GUIDE_RESCALE = 0.2
+MAX_UP_SCALE = 8.0
+LATENT_FACTOR = 8
+# Frames resized and padded at once before encoding: bounds the full-resolution float tensors.
+_FRAME_BATCH = 8
+
+
+class EnhanceError(RuntimeError):
+    """A run that failed for a reason the user can act on; the message is one line."""
+
+
+class DeviceError(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class EnhanceOptions:
+    """Per-video settings; defaults are the reference's. Invalid values raise ValueError."""
+
+    up_scale: float = 4.0
+    target_fps: float = 24.0
+    noise_aug: int = 200
+    solver_mode: str = "fast"
+    steps: int = 15
+    cfg: float = 7.5
+    s_cond: float = 8.0
+    seed: int = 666
+
+    def __post_init__(self) -> None:
+        up_scale = _finite("up_scale", self.up_scale)
+        if not 0 < up_scale <= MAX_UP_SCALE:
+            raise ValueError(f"up_scale must be in (0, {MAX_UP_SCALE:g}], got {self.up_scale!r}")
+        target_fps = _finite("target_fps", self.target_fps)
+        if target_fps <= 0:
+            raise ValueError(f"target_fps must be > 0, got {self.target_fps!r}")
+        noise_aug = _integer("noise_aug", self.noise_aug)
+        if not 0 <= noise_aug <= NOISE_AUG_MAX:
+            clamped = min(max(noise_aug, 0), NOISE_AUG_MAX)
+            logger.warning("noise_aug %d is outside [0, %d]; using %d", noise_aug, NOISE_AUG_MAX, clamped)
+            noise_aug = clamped
+        if self.solver_mode not in SOLVER_MODES:
+            raise ValueError(f"solver_mode must be one of {SOLVER_MODES}, got {self.solver_mode!r}")
+        steps = _integer("steps", self.steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps!r}")
+        cfg = _finite("cfg", self.cfg)
+        if cfg < 1:
+            raise ValueError(f"cfg (guidance scale) must be >= 1, got {self.cfg!r}")
+        s_cond = _finite("s_cond", self.s_cond)
+        if s_cond < 0:
+            raise ValueError(f"s_cond must be >= 0, got {self.s_cond!r}")
+        seed = _integer("seed", self.seed)
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        for name, value in (("up_scale", up_scale), ("target_fps", target_fps), ("noise_aug", noise_aug),
+                            ("steps", steps), ("cfg", cfg), ("s_cond", s_cond), ("seed", seed)):
+            object.__setattr__(self, name, value)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """Everything a run will produce for one input, computed without any model."""
+
+    input: VideoInfo
+    k: int  # frames inserted between consecutive input frames
+    out_fps: float
+    out_frames: int
+    height: int  # output size
+    width: int
+    padding: tuple[int, int, int, int]  # (left, right, top, bottom) of the network input
+    windows: list[tuple[int, int]]  # temporal windows of the denoiser
+    denoise_steps: int  # network evaluations per branch and window
+    branches: int  # 2 with classifier-free guidance, 1 when cfg == 1
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        left, right, top, bottom = self.padding
+        return self.height + top + bottom, self.width + left + right
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        ph, pw = self.padded_size
+        return ph // LATENT_FACTOR, pw // LATENT_FACTOR
+
+    @property
+    def network_evals(self) -> int:
+        return self.denoise_steps * self.branches * len(self.windows)
+
+    def describe(self) -> str:
+        info = self.input
+        ph, pw = self.padded_size
+        lh, lw = self.latent_size
+        return (f"input {info.width}x{info.height} @ {info.fps:g} fps, {info.num_frames} frames -> "
+                f"output {self.width}x{self.height} @ {self.out_fps:g} fps, {self.out_frames} frames "
+                f"({self.k} inserted per pair); network input {pw}x{ph} (latent {lw}x{lh}); "
+                f"temporal windows {self.windows}; network evaluations {self.denoise_steps} steps x "
+                f"{self.branches} branches x {len(self.windows)} windows = {self.network_evals}")
+
+
+def plan_video(info: VideoInfo, options: EnhanceOptions, planning: PlanningConfig) -> VideoPlan:
+    """Sizes, frame counts and windows of enhancing `info` (SPEC 1.2, 1.3, 1.6, 5)."""
+    k = interp_frames(info.fps, options.target_fps)
+    frames = output_frame_count(info.num_frames, k)
+    height, width = target_resolution(info.height, info.width, options.up_scale,
+                                      area_min=planning.area_min, area_max=planning.area_max)
+    padding = pad_to_fit(height, width, min_height=planning.pad_min[0], min_width=planning.pad_min[1])
+    windows = chunk_windows(frames, k, max_len=planning.chunk_len, overlap=planning.chunk_overlap)
+    return VideoPlan(input=info, k=k, out_fps=output_fps(info.fps, k), out_frames=frames,
+                     height=height, width=width, padding=padding, windows=windows,
+                     denoise_steps=num_model_evals(options.solver_mode, options.steps),
+                     branches=1 if options.cfg == 1 else 2)
+
+
+@dataclass
+class EnhanceResult:
+    input_path: Path
+    output_path: Path
+    sidecar_path: Optional[Path]
+    skipped: bool  # the output already existed and overwrite was off
+    prompt: str
+    plan: Optional[VideoPlan] = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """`None`/"auto": CUDA when available, else CPU. A CUDA device that is not there is an error."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} requested but CUDA is not available "
+                              "(no GPU, or a CPU-only PyTorch build); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
+    """`None`/"auto": float16 on CUDA (the reference's precision), float32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "", "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def output_path_for(video: Path, save_dir: Path) -> Path:
+    """Output name of the reference: the input stem + .mp4 inside the save directory."""
+    return Path(save_dir) / f"{Path(video).stem}.mp4"
+
+
+def prepare_save_dir(save_dir: Path) -> Path:
+    """Create `save_dir` if needed and prove it is writable; raises OSError with a one-line message."""
+    save_dir = Path(save_dir)
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=save_dir):
+            pass
+    except OSError as exc:
+        raise OSError(f"save directory {save_dir} cannot be created or written: {exc.strerror or exc}") from exc
+    return save_dir
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Enhancer:
+    """The three models, loaded once; `enhance()` processes one video per call.
+
+    config: an `EnhancerConfig`, a path to a JSON config, or None for the packaged default.
+    version: "v1" (venhancer_paper.pt) or "v2" (venhancer_v2.pt); model_path overrides the checkpoint.
+    device: "auto"/None, "cpu", "cuda", "cuda:N". dtype: None (auto), a torch dtype or its name.
+    progress: show tqdm bars (on a terminal) for encoding, denoising and decoding.
+    """
+
+    def __init__(self, config: EnhancerConfig | str | os.PathLike | None = None, version: str = "v1",
+                 model_path: str | os.PathLike | None = None, device: str | None = None,
+                 dtype: str | torch.dtype | None = None, progress: bool = True):
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        self.config = config if isinstance(config, EnhancerConfig) else load_config(config)
+        self.version = version
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.progress = progress
+        # Resolve (and download if needed) every file before loading any: a missing one fails fast.
+        self.unet_path = resolve_unet_checkpoint(self.config, version, model_path or None)
+        text_path = resolve_text_encoder_weights(self.config)
+        vae_source = resolve_vae(self.config)
+        logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
+        self.unet = load_unet(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
+        logger.info("loading text encoder %s", text_path)
+        self.text_encoder = load_text_encoder(text_path, model_cfg=self.config.text_encoder.model_cfg,
+                                              device=self.device, dtype=self.dtype)
+        logger.info("loading VAE %s", vae_source)
+        self.vae = load_vae(vae_source, device=self.device, dtype=self.dtype)
+
+    @property
+    def planning(self) -> PlanningConfig:
+        return self.config.planning
+
+    def enhance(self, path: str | os.PathLike, prompt: str = "a good video", up_scale: float = 4,
+                target_fps: float = 24, noise_aug: int = 200, solver_mode: str = "fast", steps: int = 15,
+                cfg: float = 7.5, s_cond: float = 8, seed: int = 666, save_dir: str | os.PathLike = "results",
+                overwrite: bool = False) -> EnhanceResult:
+        """Enhance one video into `save_dir/<stem>.mp4` (plus `<stem>.json` with the settings).
+
+        An existing output is kept (result.skipped) unless overwrite. Raises VideoError for unusable
+        input, ValueError for bad settings, EnhanceError when the GPU runs out of memory.
+        """
+        options = EnhanceOptions(up_scale=up_scale, target_fps=target_fps, noise_aug=noise_aug,
+                                 solver_mode=solver_mode, steps=steps, cfg=cfg, s_cond=s_cond, seed=seed)
+        return self.run(path, prompt, options, save_dir, overwrite)
+
+    def run(self, path: str | os.PathLike, prompt: str, options: EnhanceOptions,
+            save_dir: str | os.PathLike = "results", overwrite: bool = False) -> EnhanceResult:
+        """`enhance` with validated options."""
+        path = Path(path)
+        save_dir = prepare_save_dir(Path(save_dir))
+        out_path = output_path_for(path, save_dir)
+        sidecar = out_path.with_suffix(".json")
+        if path.exists() and out_path.exists() and out_path.resolve() == path.resolve():
+            raise ValueError(f"{path}: the output would overwrite the input; choose another save directory")
+        if out_path.exists() and not overwrite:
+            logger.info("%s: %s exists, skipping (use --overwrite to redo)", path.name, out_path)
+            return EnhanceResult(path, out_path, sidecar if sidecar.exists() else None, True, prompt)
+
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        with self._phase("read", timings):
+            video = read_video(path)
+        plan = plan_video(video.info, options, self.planning)
+        logger.info("%s: %s", path.name, plan.describe())
+        phase = "starting"
+        try:
+            with torch.inference_mode():
+                generator = torch.Generator(device=self.device).manual_seed(options.seed)
+                phase = "encoding frames"
+                with self._phase("encode", timings):
+                    z_key = self._encode(video.frames, plan, generator)
+                phase = "encoding the prompt"
+                with self._phase("text", timings):
+                    y_cond, y_uncond = self._encode_text(prompt, path)
+                phase = "denoising"
+                with self._phase("sample", timings):
+                    x0 = self._denoise(z_key, y_cond, y_uncond, plan, options, generator)
+                phase = "decoding"
+                with self._phase("decode_write", timings):
+                    self._decode_and_write(x0, plan, out_path)
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise EnhanceError(
+                f"{path.name}: out of {self.device.type.upper()} memory while {phase} "
+                f"({plan.width}x{plan.height}, {plan.out_frames} frames): lower --up_scale (e.g. 2), "
+                f"lower --target_fps, or enhance a shorter clip") from exc
+        timings["total"] = time.perf_counter() - start
+        _write_json_atomic(sidecar, self._sidecar(path, out_path, prompt, options, plan, timings))
+        logger.info("%s: wrote %s in %.1f s", path.name, out_path, timings["total"])
+        return EnhanceResult(path, out_path, sidecar, False, prompt, plan, timings)
+
+    @contextmanager
+    def _phase(self, name: str, timings: dict[str, float]) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            # Kernels run asynchronously; without a sync the time lands in a later phase.
+            torch.cuda.synchronize(self.device)
+        timings[name] = time.perf_counter() - start
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        # disable=None: bars only on a terminal, so logs and pipes stay clean.
+        return tqdm(total=total, desc=desc, unit="frame" if desc != "denoise" else "step",
+                    disable=None if self.progress else True, leave=False, dynamic_ncols=True)
+
+    def _encode(self, frames: np.ndarray, plan: VideoPlan, generator: torch.Generator) -> torch.Tensor:
+        """Key-frame latents (1, 4, n, h', w') of the resized, padded input frames (SPEC 1.1, 1.4, 1.6, 1.7)."""
+        n = frames.shape[0]
+        lat_h, lat_w = plan.latent_size
+        # Posterior noise for all frames up front: the latents do not depend on the batching.
+        noise = torch.randn((n, self.vae.config.latent_channels, lat_h, lat_w), generator=generator,
+                            device=self.device, dtype=torch.float32)
+        latents = []
+        with self._bar(n, "encode") as bar:
+            for begin in range(0, n, _FRAME_BATCH):
+                batch = torch.from_numpy(frames[begin:begin + _FRAME_BATCH]).to(self.device)
+                x = batch.permute(0, 3, 1, 2).float() / 255 * 2 - 1
+                x = F.interpolate(x, size=(plan.height, plan.width), mode="bilinear",
+                                  align_corners=False, antialias=False)
+                x = F.pad(x, plan.padding, value=1.0)
+                latents.append(encode_frames(self.vae, x, noise=noise[begin:begin + x.shape[0]]))
+                bar.update(x.shape[0])
+        return torch.cat(latents, dim=2)
+
+    def _encode_text(self, prompt: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, truncated = self.text_encoder.encode([build_caption(prompt), NEGATIVE_PROMPT])
+        if truncated[0]:
+            logger.warning("%s: the caption (prompt + quality suffix) is longer than the text encoder's "
+                           "77 tokens; the words past the limit are ignored", path.name)
+        return emb[0:1], emb[1:2]
+
+    def _denoise(self, z_key: torch.Tensor, y_cond: torch.Tensor, y_uncond: torch.Tensor, plan: VideoPlan,
+                 options: EnhanceOptions, generator: torch.Generator) -> torch.Tensor:
+        """SPEC 1.5, 1.9-1.11: repeated latents, noised key-frame hint, SDEdit start, guided sampling."""
+        z = expand_latents(z_key, plan.k)
+        hint, t_hint = noise_hint(z_key, options.noise_aug, generator=generator)
+        mask = torch.tensor([mask_cond(plan.input.num_frames, plan.k)], dtype=torch.long, device=self.device)
+        s_cond = torch.full((1,), options.s_cond, device=self.device)
+        cond = {"y": y_cond, "hint": hint, "mask_cond": mask, "s_cond": s_cond, "t_hint": t_hint}
+        uncond = {**cond, "y": y_uncond}
+        x_T = start_latent(z, generator=generator)
+        with self._bar(plan.denoise_steps, "denoise") as bar:
+            return sample(self.unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
+                          guide_scale=options.cfg, guide_rescale=GUIDE_RESCALE, windows=plan.windows,
+                          generator=generator, callback=lambda i, total: bar.update(1))
+
+    def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path) -> None:
+        """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264."""
+        left, _, top, _ = plan.padding
+        planning = self.planning
+        audio = plan.input.path if plan.input.has_audio else None
+        with VideoWriter(out_path, plan.out_fps, plan.width, plan.height, audio_source=audio) as writer, \
+                self._bar(plan.out_frames, "decode") as bar:
+            for chunk in decode_tiled(self.vae, x0, tile=planning.vae_tile, tile_overlap=planning.vae_tile_overlap,
+                                      frame_window=planning.vae_frame_window,
+                                      frame_overlap=planning.vae_frame_overlap):
+                chunk = chunk[:, :, top:top + plan.height, left:left + plan.width]
+                pixels = ((chunk.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)  # truncates
+                writer.append(pixels.permute(0, 2, 3, 1).numpy())
+                bar.update(chunk.shape[0])
+            if writer.num_frames != plan.out_frames:
+                raise RuntimeError(f"decoder produced {writer.num_frames} frames, expected {plan.out_frames}")
+
+    def _sidecar(self, path: Path, out_path: Path, prompt: str, options: EnhanceOptions, plan: VideoPlan,
+                 timings: dict[str, float]) -> dict[str, Any]:
+        info = plan.input
+        return {
+            "tool": f"venhancer {__version__}",
+            "input": {"path": str(path), "width": info.width, "height": info.height, "fps": info.fps,
+                      "frames": info.num_frames, "audio": info.audio_codec},
+            "output": {"path": str(out_path), "width": plan.width, "height": plan.height, "fps": plan.out_fps,
+                       "frames": plan.out_frames, "codec": "h264", "crf": 17, "pix_fmt": "yuv420p"},
+            "prompt": prompt,
+            "settings": asdict(options),
+            "seed": options.seed,
+            "model": {"version": self.version, "checkpoint": str(self.unet_path),
+                      "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")},
+            "plan": {"inserted_frames": plan.k, "padding_lrtb": list(plan.padding),
+                     "latent_size": list(plan.latent_size), "windows": [list(w) for w in plan.windows],
+                     "network_evals": plan.network_evals, "start_t": T_MAX},
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        }
