@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from unet_helpers import call_args, max_abs, rel_l2
 from venhancer.models import VEnhancerUNet
+from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 from weight_rule import FIXTURES, fill_model, fingerprint, load_manifest
 
 REL_L2 = 1e-3
@@ -39,6 +40,10 @@ def test_full_case_a():
         model.eval()
         with torch.no_grad():
             out, control = model(*call_args(case), return_control=True)
+            # The optimized layout (channels-last, folded SiLU, chunked feed-forward) on the
+            # same instance: one 8 GB model is all CI can afford.
+            optimize_for_inference(model, InferenceOptions(ff_chunk_tokens=97))
+            out_fast = model(*call_args(case))
     finally:
         del model
         gc.collect()
@@ -50,6 +55,9 @@ def test_full_case_a():
 
     assert out.shape == case["out"].shape
     assert errors["out"][0] <= REL_L2 and errors["out"][1] <= 2e-5
+    fast_rel, fast_abs = rel_l2(out_fast, case["out"]), max_abs(out_fast, case["out"])
+    print(f"optimized path: rel L2 {fast_rel:.2e}, max abs {fast_abs:.2e}")
+    assert fast_rel <= REL_L2 and fast_abs <= 2e-5
     assert len(control) == 13
     for i in range(13):
         ref = case[f"control_{i}"]

@@ -86,11 +86,17 @@ class VideoControlNet(nn.Module):
         even the bias) elsewhere: ((b f), hint_dim, h, w)."""
         b, c, n_key, h, w = hint.shape
         f = mask_cond.shape[1]
-        # (b, c, n, h, w) -> ((b n), c, h, w): every key frame is projected once
-        feats = self.input_hint_block(hint.transpose(1, 2).reshape(b * n_key, c, h, w))
-        feats = feats.reshape(b, n_key, -1, h, w)
+        # A temporal window references only a few of the clip's key frames: project just the
+        # range it uses (the conv is per frame, so this is exact).
+        used = mask_cond[mask_cond >= 0]
+        first = int(used.min()) if used.numel() else 0
+        last = int(used.max()) if used.numel() else 0
+        n_used = last - first + 1
+        # (b, c, n, h, w) -> ((b n), c, h, w)
+        frames = hint[:, :, first : last + 1].transpose(1, 2).reshape(b * n_used, c, h, w)
+        feats = self.input_hint_block(frames).reshape(b, n_used, -1, h, w)
         item = torch.arange(b, device=hint.device)[:, None]  # (b, 1)
-        gathered = feats[item, mask_cond.clamp(min=0)]  # (b, f, hint_dim, h, w)
+        gathered = feats[item, (mask_cond - first).clamp(min=0)]  # (b, f, hint_dim, h, w)
         is_key = (mask_cond >= 0)[:, :, None, None, None]
         add = torch.where(is_key, gathered, torch.zeros_like(gathered))
         return add.reshape(b * f, -1, h, w)

@@ -17,21 +17,48 @@ from .config import GROUP_NORM_GROUPS
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, silu: bool) -> torch.Tensor:
+    """GroupNorm (statistics in float32) optionally followed by SiLU, cast back to x's dtype."""
+    out = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps)
+    if silu:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+_compiled_group_norm_act = None
+
+
+def _fused_group_norm_act(*args) -> torch.Tensor:
+    # Compiled lazily, once per process: inductor turns the upcast, the two-pass statistics,
+    # the affine, the SiLU and the downcast into one reduction and one pointwise kernel over
+    # half-precision memory (eager runs five full-size passes, two of them in float32).
+    global _compiled_group_norm_act
+    if _compiled_group_norm_act is None:
+        _compiled_group_norm_act = torch.compile(_group_norm_act, dynamic=True, fullgraph=True)
+    return _compiled_group_norm_act(*args)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are always computed in float32.
 
     The reference ran in fp16 under autocast, where GroupNorm runs in fp32; a half-precision
     model would otherwise accumulate the mean/variance of ~10^6 elements in half precision.
     A 5-D input `(b, c, f, h, w)` gets statistics over all frames, as the temporal layers need.
+
+    `apply_silu` (set by `venhancer.models.optimize`, which then drops the following SiLU
+    module) applies the activation in the same pass; `fused` uses the compiled kernel.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__(GROUP_NORM_GROUPS, num_channels, eps=eps, affine=True)
+        self.apply_silu = False
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in _HALF_DTYPES:
-            out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-            return out.to(x.dtype)
+        if self.fused and x.is_cuda:
+            return _fused_group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, self.apply_silu)
+        if x.dtype in _HALF_DTYPES or self.apply_silu:
+            return _group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, self.apply_silu)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -61,16 +88,27 @@ class EmbeddingMLP(nn.Sequential):
         return super().forward(sinusoid.to(self[0].weight.dtype))
 
 
-def _frames_to_video(x: torch.Tensor, num_frames: int) -> torch.Tensor:
-    # ((b f), c, h, w) -> (b, c, f, h, w), contiguous: GroupNorm and Conv3d want frames as an
-    # axis next to the spatial ones, and would copy a strided view internally anyway.
+def frames_to_video(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """((b f), c, h, w) -> (b, c, f, h, w) for GroupNorm over frames and Conv3d.
+
+    Channels-last input becomes a channels-last-3d view (no copy: both keep channels
+    innermost and frames outermost); otherwise a contiguous copy, which GroupNorm and Conv3d
+    would make internally anyway.
+    """
     bf, c, h, w = x.shape
-    return x.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
+    b = bf // num_frames
+    if x.is_contiguous(memory_format=torch.channels_last):
+        # memory (b f h w c) -> (b, f, h, w, c) -> (b, c, f, h, w)
+        return x.permute(0, 2, 3, 1).view(b, num_frames, h, w, c).permute(0, 4, 1, 2, 3)
+    return x.view(b, num_frames, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
 
 
-def _video_to_frames(x: torch.Tensor) -> torch.Tensor:
-    # (b, c, f, h, w) -> ((b f), c, h, w)
+def video_to_frames(x: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) -> ((b f), c, h, w), a view for channels-last-3d input."""
     b, c, f, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last_3d):
+        # memory (b f h w c) -> ((b f), h, w, c) -> ((b f), c, h, w) channels-last
+        return x.permute(0, 2, 3, 4, 1).reshape(b * f, h, w, c).permute(0, 3, 1, 2)
     return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
 
 
@@ -97,12 +135,12 @@ class TemporalConvBlock(nn.Module):
         self.conv4 = stage(with_dropout_slot=True)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        video = _frames_to_video(x, num_frames)  # (b, c, f, h, w)
+        video = frames_to_video(x, num_frames)  # (b, c, f, h, w)
         h = self.conv1(video)
         h = self.conv2(h)
         h = self.conv3(h)
         h = self.conv4(h)
-        return _video_to_frames(video + h)
+        return video_to_frames(video + h)
 
 
 class ResBlock(nn.Module):

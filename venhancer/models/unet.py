@@ -69,17 +69,21 @@ class VEnhancerUNet(nn.Module):
         context = inp.y  # (b, M, context_dim), shared by the frames of each item
 
         x = inp.x.transpose(1, 2).reshape(b * f, c, h, w)  # (b, c, f, h, w) -> ((b f), c, h, w)
+        # Each ControlNet residual is folded into its skip as soon as the skip exists, and
+        # released: the same sums the decoder would form, without holding both sets at once.
+        pending = list(control)
+        if not return_control:
+            control = None
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             x = block(x, emb, context, f)
-            skips.append(x)
+            skips.append(x + pending[i])
+            pending[i] = None
         x = self.middle_block(x, emb, context, f)
-
-        pending_control = list(control)
-        x = x + pending_control.pop()
+        x = x + pending.pop()
         for block in self.output_blocks:
-            # Both lists are consumed last-in first-out; x comes first in the concatenation.
-            x = torch.cat([x, skips.pop() + pending_control.pop()], dim=1)
+            # Skips are consumed last-in first-out; x comes first in the concatenation.
+            x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb, context, f)
         x = self.out(x)
 

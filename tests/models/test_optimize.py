@@ -1,0 +1,62 @@
+"""The optimized inference layout computes the same function as the plain model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from unet_helpers import call_args, max_abs, rel_l2
+from venhancer.models.layers import GroupNorm32
+from venhancer.models.optimize import InferenceOptions, optimize_for_inference
+
+REL_L2 = 1e-4
+
+
+@pytest.mark.parametrize("chunk", [None, 37])
+def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk):
+    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=chunk))
+    with torch.no_grad():
+        out = model(*call_args(tiny_case))
+    assert rel_l2(out, tiny_case["out"]) <= REL_L2
+    assert max_abs(out, tiny_case["out"]) <= 2e-5
+
+
+def test_optimize_keeps_state_dict_and_folds_silu(tiny_model):
+    model = optimize_for_inference(copy.deepcopy(tiny_model))
+    before, after = tiny_model.state_dict(), model.state_dict()
+    assert list(before) == list(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm32)]
+    assert any(m.apply_silu for m in norms)
+    assert not any(isinstance(m, nn.SiLU) for seq in model.modules() if isinstance(seq, nn.Sequential) and isinstance(seq[0], GroupNorm32) for m in seq)
+    conv = model.VideoControlNet.input_hint_block
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_batch_of_two_matches_items(tiny_model, tiny_case):
+    model = optimize_for_inference(copy.deepcopy(tiny_model))
+    x, t, y, hint, t_hint, s_cond, mask = call_args(tiny_case)
+    y2 = torch.cat([y, -y])
+    with torch.no_grad():
+        both = model(torch.cat([x, x]), torch.cat([t, t]), y2, torch.cat([hint, hint]), torch.cat([t_hint, t_hint]), torch.cat([s_cond, s_cond]), torch.cat([mask, mask]))
+        second = model(x, t, -y, hint, t_hint, s_cond, mask)
+    assert max_abs(both[:1], tiny_case["out"]) <= 2e-5
+    assert max_abs(both[1:], second) <= 2e-5
+
+
+def test_invalid_chunk_rejected():
+    with pytest.raises(ValueError, match="ff_chunk_tokens"):
+        InferenceOptions(ff_chunk_tokens=0)
+
+
+def test_window_uses_global_key_indices(tiny_model, tiny_case):
+    """A window sees the whole clip's hint and global indices; only the referenced key frames
+    are projected, so extra unreferenced key frames on either side change nothing."""
+    x, t, y, hint, t_hint, s_cond, mask = call_args(tiny_case)
+    extra = torch.randn(1, hint.shape[1], 2, *hint.shape[3:])
+    wider = torch.cat([extra, hint, extra], dim=2)
+    shifted = torch.where(mask >= 0, mask + 2, mask)
+    with torch.no_grad():
+        out = tiny_model(x, t, y, wider, t_hint, s_cond, shifted)
+    assert max_abs(out, tiny_case["out"]) <= 2e-5
