@@ -1,6 +1,7 @@
 """The enhance_a_video.py tool end to end with the tiny offline model set (tests/make_tiny_models.py)."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -35,6 +36,16 @@ def clips(tmp_path_factory):
     data = make_clip(folder / "whole.mp4").read_bytes()
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
     return folder
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """cli.main configures logging for a terminal; undo it so other tests see pytest's setup."""
+    root, package = logging.getLogger(), logging.getLogger("venhancer")
+    saved = (root.handlers[:], root.level, package.level)
+    yield
+    root.handlers[:], package.level = saved[0], saved[2]
+    root.setLevel(saved[1])
 
 
 def run_tool(*args, cwd=ROOT):
@@ -112,6 +123,25 @@ def test_folder_run_skips_bad_videos_resumes_and_overwrites(tiny_config, clips, 
     assert "1 enhanced, 0 skipped (output exists), 0 failed" in log
     assert (save / "b_good.mp4").stat().st_mtime_ns != first
     assert sorted(p.name for p in save.iterdir()) == ["b_good.json", "b_good.mp4"]
+
+
+def test_interrupt_leaves_no_partial_file(tiny_config, tmp_path, capsys, monkeypatch):
+    import venhancer.pipeline as pipeline
+
+    real_decode = pipeline.decode_tiled
+
+    def interrupted_decode(*args, **kwargs):
+        chunks = real_decode(*args, **kwargs)
+        yield next(chunks)
+        assert any(p.name.endswith(".partial.mp4") for p in (tmp_path / "results").iterdir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "decode_tiled", interrupted_decode)
+    clip = make_clip(tmp_path / "clip.mp4")
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", tmp_path / "results",
+                         *FAST)
+    assert code == 130 and "interrupted" in error_lines(log)[0]
+    assert list((tmp_path / "results").iterdir()) == []
 
 
 def bogus_weights_config(tiny_config, tmp_path):
