@@ -41,6 +41,7 @@ def test_planning_defaults_match_planning_module():
     assert (p.chunk_len, p.chunk_overlap) == (planning.CHUNK_MAX_LEN, planning.CHUNK_OVERLAP) == (32, 16)
     assert (p.vae_tile, p.vae_tile_overlap) == (planning.VAE_TILE, planning.VAE_TILE_OVERLAP) == ((72, 128), (12, 25))
     assert (p.vae_frame_window, p.vae_frame_overlap) == (planning.VAE_FRAME_WINDOW, planning.VAE_FRAME_OVERLAP) == (5, 2)
+    assert p.pad_min == (planning.NET_MIN_HEIGHT, planning.NET_MIN_WIDTH) == (720, 1280)
 
 
 def test_user_file_overrides_and_relative_paths(tmp_path):
@@ -85,6 +86,7 @@ def test_user_file_overrides_and_relative_paths(tmp_path):
         ({"planning": {"vae_tile": [72]}}, r"planning.vae_tile .*\[72\]"),
         ({"planning": {"vae_tile_overlap": [12, 128]}}, r"width 128 .*tile width 128"),
         ({"planning": {"vae_frame_overlap": 5}}, r"vae_frame_overlap 5 .*vae_frame_window 5"),
+        ({"planning": {"pad_min": [720, 1000]}}, r"planning.pad_min \[720, 1000\]"),
     ],
 )
 def test_validation_names_the_bad_value(tmp_path, override, match):

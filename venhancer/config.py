@@ -68,6 +68,9 @@ class PlanningConfig:
     vae_tile_overlap: tuple[int, int]
     vae_frame_window: int
     vae_frame_overlap: int
+    # Smallest padded frame (height, width) handed to the network: 720x1280 in the reference;
+    # tiny test configs use less. Keep height % 64 == 16 and width % 64 == 0.
+    pad_min: tuple[int, int] = (720, 1280)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ _SECTIONS = {
         "vae_tile_overlap",
         "vae_frame_window",
         "vae_frame_overlap",
+        "pad_min",
     ),
 }
 
@@ -258,6 +262,9 @@ def _parse_planning(raw: dict[str, Any]) -> PlanningConfig:
         raise ValueError(
             f"planning.vae_frame_overlap {frame_overlap} must be smaller than vae_frame_window {frame_window}"
         )
+    pad_min = _pair("planning.pad_min", raw["pad_min"], 1)
+    if pad_min[0] % 64 != 16 or pad_min[1] % 64 != 0:
+        raise ValueError(f"planning.pad_min {list(pad_min)} must have height % 64 == 16 and width % 64 == 0 (network-compatible latents)")
     return PlanningConfig(
         area_min=areas["area_min"],
         area_max=areas["area_max"],
@@ -267,6 +274,7 @@ def _parse_planning(raw: dict[str, Any]) -> PlanningConfig:
         vae_tile_overlap=tile_overlap,
         vae_frame_window=frame_window,
         vae_frame_overlap=frame_overlap,
+        pad_min=pad_min,
     )
 
 

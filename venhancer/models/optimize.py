@@ -47,9 +47,11 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
             module.fused = options.fused_norm
         if isinstance(module, TransformerBlock):
             module.ff_chunk_tokens = options.ff_chunk_tokens
-        if options.channels_last and isinstance(module, nn.Conv2d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-        if options.channels_last and isinstance(module, nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        if isinstance(module, nn.Conv2d):
+            layout = torch.channels_last if options.channels_last else torch.contiguous_format
+            module.weight.data = module.weight.data.contiguous(memory_format=layout)
+        if isinstance(module, nn.Conv3d):
+            layout = torch.channels_last_3d if options.channels_last else torch.contiguous_format
+            module.weight.data = module.weight.data.contiguous(memory_format=layout)
     set_tuned_sdpa(options.tuned_attention)
     return model

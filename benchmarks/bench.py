@@ -1,0 +1,261 @@
+"""GPU benchmarks of VEnhancer (random weights: same cost as the real ones, no download).
+
+    python benchmarks/bench.py forward  [--frames 31 40] [--out bench_forward.json]
+    python benchmarks/bench.py pipeline [--out bench_pipeline.json]
+
+`forward`: one network evaluation of both guidance branches for a temporal window at the seed
+clip's latent size (162x240), for the plain path (the reference's way: fp16 weights under fp16
+autocast, PyTorch's default SDPA kernel, branches one after the other) and for our optimized
+path, in the same process on the same weights; plus ablations of each optimization, FLOPs
+(torch.utils.flop_counter), the achieved rate, peak memory, and the optimized output's error
+against the plain one.
+
+`pipeline`: the seed clip (49 frames 720x480 at 8 fps, up_scale 4, target 24 fps, fast mode)
+end to end through the CLI in a fresh process, with random-weight checkpoints written to local
+disk first; the per-phase timings come from the output's JSON sidecar.
+
+Prints a table last and writes all numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from venhancer.models import UNetConfig, VEnhancerUNet  # noqa: E402
+from venhancer.models.optimize import InferenceOptions, optimize_for_inference  # noqa: E402
+
+LATENT = (162, 240)  # seed clip: 1254x1880 output padded to 1296x1920 -> latent 162x240
+# BENCH_SMOKE=1 runs the same code on the CPU with a tiny network (checks the script, not speed).
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
+DEVICE = "cpu" if SMOKE else "cuda"
+if SMOKE:
+    LATENT = (10, 16)
+MATMUL_SIZE = 8192
+
+
+@torch.no_grad()
+def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fan-in scaled Gaussian weights (the reference vectors' rule, drawn on the GPU)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+        elif name.endswith("bias"):
+            p.normal_(0.0, 0.1, generator=gen)
+        else:
+            p.normal_(1.0, 0.1, generator=gen)
+
+
+def build_model(dtype: torch.dtype) -> VEnhancerUNet:
+    with torch.device("meta"):
+        model = VEnhancerUNet(UNetConfig(dim=32, context_dim=1024, num_heads=2, head_dim=16) if SMOKE else UNetConfig())
+    model = model.to_empty(device=DEVICE).to(dtype)
+    random_init_(model)
+    return model.eval().requires_grad_(False)
+
+
+def window_inputs(frames: int, k: int = 2, seed: int = 1):
+    """One temporal window of the seed clip (k=2: every third frame is a key frame), both
+    guidance branches' inputs."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    h, w = LATENT
+    n_key = 49
+    x = torch.randn(1, 4, frames, h, w, device=DEVICE, generator=gen)
+    hint = torch.randn(1, 4, n_key, h, w, device=DEVICE, generator=gen)
+    mask = torch.tensor([[j // (k + 1) + 3 if j % (k + 1) == 0 else -1 for j in range(frames)]], device=DEVICE)
+    y_c = torch.randn(1, 77, 1024, device=DEVICE, generator=gen)
+    y_u = torch.randn(1, 77, 1024, device=DEVICE, generator=gen)
+    common = dict(hint=hint, t_hint=torch.tensor([249], device=DEVICE), s_cond=torch.tensor([8], device=DEVICE), mask_cond=mask)
+    t = torch.tensor([599], device=DEVICE)
+    return x, t, y_c, y_u, common
+
+
+def cuda_time(fn, reps: int) -> list[float]:
+    if SMOKE:
+        fn()
+        return [1.0] * reps
+    fn()  # warm-up (kernel selection, lazy compilation)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return times
+
+
+def reset_peak() -> None:
+    if not SMOKE:
+        reset_peak()
+
+
+def peak_gb(reserved: bool = False) -> float:
+    if SMOKE:
+        return 0.0
+    return (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 1e9
+
+
+def matmul_rate() -> float:
+    if SMOKE:
+        return 1.0
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=DEVICE, dtype=torch.bfloat16)
+    t = statistics.median(cuda_time(lambda: a @ b, 10))
+    return 2 * MATMUL_SIZE**3 / t / 1e12
+
+
+def set_variant(model, *, fused: bool, channels_last: bool, tuned: bool, chunk) -> None:
+    optimize_for_inference(model, InferenceOptions(channels_last=channels_last, fused_norm=fused, tuned_attention=tuned, ff_chunk_tokens=chunk))
+
+
+def run_forward(args) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(torch.float32 if SMOKE else torch.float16)
+    weights_gb = 0.0 if SMOKE else torch.cuda.memory_allocated() / 1e9
+    results = {"gpu": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__, "weights_GB": weights_gb, "latent": LATENT, "windows": {}}
+    results["bf16_matmul_TFLOPs"] = matmul_rate()
+    inputs = {frames: window_inputs(frames) for frames in args.frames}
+
+    def calls(frames):
+        x, t, y_c, y_u, common = inputs[frames]
+        batched_common = {k: torch.cat([v, v]) for k, v in common.items()}
+
+        def plain():
+            with torch.autocast(DEVICE, dtype=torch.float16 if not SMOKE else torch.bfloat16):
+                return [model(x, t, y, **common) for y in (y_c, y_u)]
+
+        def sequential():
+            return [model(x, t, y, **common) for y in (y_c, y_u)]
+
+        def batched():
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y_c, y_u]), **batched_common)
+            return list(out.split(1))
+
+        return plain, sequential, batched
+
+    # Plain path first, on the untouched model: PyTorch's default kernels, separate GroupNorm
+    # and SiLU, contiguous layout, fp16 autocast.
+    refs = {}
+    for frames in args.frames:
+        plain, _, _ = calls(frames)
+        row = results["windows"][frames] = {}
+        reset_peak()
+        refs[frames] = plain()
+        row["plain_s"] = cuda_time(plain, args.reps)
+        row["plain_peak_alloc_GB"] = peak_gb()
+        row["plain_peak_reserved_GB"] = peak_gb(reserved=True)
+        x, t, y_c, _, common = inputs[frames]
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast(DEVICE, dtype=torch.float16 if not SMOKE else torch.bfloat16):
+                model(x, t, y_c, **common)
+        row["flops_per_branch"] = counter.get_total_flops()
+        print(f"plain {frames} frames: {row['plain_s']} s, peak {row['plain_peak_alloc_GB']:.1f} GB, {row['flops_per_branch'] / 1e15:.3f} PFLOP/branch", flush=True)
+
+    full = dict(fused=True, channels_last=True, tuned=True, chunk=2**18)
+    for frames in args.frames:
+        _, sequential, batched = calls(frames)
+        row = results["windows"][frames]
+        variants = [("optimized_batched", full, batched), ("optimized_sequential", full, sequential)]
+        if args.ablations and frames == args.frames[0]:
+            variants += [
+                ("no_fused_norm", dict(full, fused=False), sequential),
+                ("no_channels_last", dict(full, channels_last=False), sequential),
+                ("no_tuned_sdpa", dict(full, tuned=False), sequential),
+                ("no_ff_chunks", dict(full, chunk=None), sequential),
+            ]
+        for name, opts, fn in variants:
+            set_variant(model, **opts)
+            reset_peak()
+            out = fn()
+            row[f"{name}_rel_err_vs_plain"] = max(float((o.float() - r.float()).norm() / r.float().norm()) for o, r in zip(out, refs[frames]))
+            del out
+            row[f"{name}_s"] = cuda_time(fn, args.reps)
+            row[f"{name}_peak_alloc_GB"] = peak_gb()
+            print(f"{name} {frames} frames: {row[name + '_s']} s, err {row[name + '_rel_err_vs_plain']:.2e}", flush=True)
+        set_variant(model, **full)
+        if args.profile and frames == args.frames[0]:
+            row["top_kernels_optimized"] = profile_top(sequential)
+    return results
+
+
+def profile_top(fn, top: int = 25) -> list:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    total = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0 and e.key and not e.key.startswith("aten::"))
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: top * 3]:
+        if e.key.startswith(("aten::", "cuda", "Memcpy", "Memset")) and "Memcpy" not in e.key:
+            continue
+        rows.append([e.key[:90], round(e.device_time_total / 1e3, 1), e.count])
+        if len(rows) == top:
+            break
+    return {"total_ms": round(total / 1e3, 1), "kernels": rows}
+
+
+def print_forward_table(res: dict) -> None:
+    rate = res["bf16_matmul_TFLOPs"]
+    print(f"\nGPU: {res['gpu']} | torch {res['torch']} | bf16 matmul {rate:.0f} TFLOP/s | weights {res['weights_GB']:.1f} GB")
+    for frames, row in res["windows"].items():
+        flops = 2 * row["flops_per_branch"]
+        print(f"\n{frames}-frame window at latent {LATENT[0]}x{LATENT[1]}, both branches:")
+        print(f"{'path':<24}{'median s':>10}{'speed-up':>10}{'TFLOP/s':>10}{'%matmul':>9}{'rel err':>10}{'peak GB':>9}")
+        base = statistics.median(row["plain_s"])
+        for key in [k[:-2] for k in row if k.endswith("_s") and isinstance(row[k], list)]:
+            t = statistics.median(row[f"{key}_s"])
+            tf = flops / t / 1e12
+            err = row.get(f"{key}_rel_err_vs_plain", 0.0)
+            peak = row.get(f"{key}_peak_alloc_GB", float("nan"))
+            print(f"{key:<24}{t:>10.3f}{base / t:>10.2f}{tf:>10.0f}{100 * tf / rate:>8.0f}%{err:>10.1e}{peak:>9.1f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["forward", "pipeline"])
+    parser.add_argument("--frames", type=int, nargs="+", default=[31, 40])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not SMOKE:
+        print("this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.part == "forward":
+        res = run_forward(args)
+        out = args.out or os.path.join(os.environ.get("OUT", "."), "bench_forward.json")
+        Path(out).write_text(json.dumps(res, indent=1))
+        if "top_kernels_optimized" in next(iter(res["windows"].values())):
+            prof = next(iter(res["windows"].values()))["top_kernels_optimized"]
+            print(f"\nTop kernels, optimized path, one window both branches (total {prof['total_ms']} ms):")
+            for name, ms, count in prof["kernels"]:
+                print(f"{ms:>9.1f} ms {count:>6}  {name}")
+        print_forward_table(res)
+    else:
+        from pipeline_bench import run_pipeline  # noqa: E402
+
+        return run_pipeline(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
