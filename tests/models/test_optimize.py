@@ -13,9 +13,10 @@ from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 REL_L2 = 1e-4
 
 
-@pytest.mark.parametrize("chunk", [None, 37])
-def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk):
-    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=chunk))
+@pytest.mark.parametrize("chunk, frames", [(None, None), (37, 2), (None, 1)])
+def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, frames):
+    options = InferenceOptions(ff_chunk_tokens=chunk, spatial_frame_chunk=frames)
+    model = optimize_for_inference(copy.deepcopy(tiny_model), options)
     with torch.no_grad():
         out = model(*call_args(tiny_case))
     assert rel_l2(out, tiny_case["out"]) <= REL_L2
@@ -35,7 +36,8 @@ def test_optimize_keeps_state_dict_and_folds_silu(tiny_model):
 
 
 def test_batch_of_two_matches_items(tiny_model, tiny_case):
-    model = optimize_for_inference(copy.deepcopy(tiny_model))
+    # Frame chunks of 2 over 5-frame items: a chunk never mixes the two items' text contexts.
+    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(spatial_frame_chunk=2))
     x, t, y, hint, t_hint, s_cond, mask = call_args(tiny_case)
     y2 = torch.cat([y, -y])
     with torch.no_grad():
@@ -48,6 +50,8 @@ def test_batch_of_two_matches_items(tiny_model, tiny_case):
 def test_invalid_chunk_rejected():
     with pytest.raises(ValueError, match="ff_chunk_tokens"):
         InferenceOptions(ff_chunk_tokens=0)
+    with pytest.raises(ValueError, match="spatial_frame_chunk .*-1"):
+        InferenceOptions(spatial_frame_chunk=-1)
 
 
 def test_window_uses_global_key_indices(tiny_model, tiny_case):

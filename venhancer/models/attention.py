@@ -265,9 +265,26 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, context_dim=context_dim)])
         self.proj_out = nn.Linear(inner, channels)
+        self.frame_chunk: int | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x: ((b f), c, h, w); context: (b, M, context_dim), shared by the f frames of a video."""
+        """x: ((b f), c, h, w); context: (b, M, context_dim), shared by the f frames of a video.
+
+        With `frame_chunk` set, runs over at most that many frames of one video at a time: every
+        step here is per frame, so the result is the same with a fraction of the transient memory.
+        """
+        step = self.frame_chunk or num_frames
+        if step >= num_frames:
+            return self._run_frames(x, context, num_frames)
+        out = torch.empty_like(x)
+        for item in range(x.shape[0] // num_frames):
+            for start in range(0, num_frames, step):
+                first = item * num_frames + start
+                count = min(step, num_frames - start)
+                out[first : first + count] = self._run_frames(x[first : first + count], context[item : item + 1], count)
+        return out
+
+    def _run_frames(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         bf, c, h, w = x.shape
         tokens = self.norm(x)
         tokens = tokens.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # ((b f), h*w, c)
@@ -275,7 +292,7 @@ class SpatialTransformer(nn.Module):
         tokens = self.transformer_blocks[0](tokens, context, context_repeats=num_frames)
         tokens = self.proj_out(tokens)
         # ((b f), h*w, c) -> ((b f), c, h, w) as a strided view; the add writes a contiguous result
-        return x + tokens.reshape(bf, h, w, c).permute(0, 3, 1, 2)
+        return x + tokens.view(bf, h, w, c).permute(0, 3, 1, 2)
 
 
 class TemporalTransformer(nn.Module):

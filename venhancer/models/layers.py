@@ -32,8 +32,11 @@ def _fused_group_norm_act(*args) -> torch.Tensor:
     # Compiled lazily, once per process: inductor turns the upcast, the two-pass statistics,
     # the affine, the SiLU and the downcast into one reduction and one pointwise kernel over
     # half-precision memory (eager runs five full-size passes, two of them in float32).
+    # One graph per (layout, eps, activation) combination: about a dozen in the full network,
+    # more than dynamo's default recompile limit of 8.
     global _compiled_group_norm_act
     if _compiled_group_norm_act is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_group_norm_act = torch.compile(_group_norm_act, dynamic=True, fullgraph=True)
     return _compiled_group_norm_act(*args)
 
