@@ -243,6 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--steps", type=int, default=2, help="pipeline: solver steps to run (normal mode)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not SMOKE:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
@@ -258,7 +259,8 @@ def main(argv=None) -> int:
                 print(f"{ms:>9.1f} ms {count:>6}  {name}")
         print_forward_table(res)
     else:
-        from pipeline_bench import run_pipeline  # noqa: E402
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from pipeline_bench import run_pipeline
 
         return run_pipeline(args)
     return 0

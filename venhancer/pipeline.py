@@ -267,7 +267,7 @@ class Enhancer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress = progress
-        self.first_step_unix_time: float | None = None  # set by the running video's first solver step
+        self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
         # Resolve (and download if needed) every file before loading any: a missing one fails fast.
         self.unet_path = resolve_unet_checkpoint(self.config, version, model_path or None)
         text_path = resolve_text_encoder_weights(self.config)
@@ -314,7 +314,7 @@ class Enhancer:
 
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        self.first_step_unix_time = None
+        self.denoise_start_unix_time = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with self._phase("read", timings):
@@ -401,17 +401,12 @@ class Enhancer:
         cond = {"y": y_cond, "hint": hint, "mask_cond": mask, "s_cond": s_cond, "t_hint": t_hint}
         uncond = {**cond, "y": y_uncond}
         x_T = start_latent(z, generator=generator)
-
-        def step_done(i: int, total: int) -> None:
-            if i == 0:
-                # Wall-clock time of the first finished solver step: start-up benchmarks read it.
-                self.first_step_unix_time = time.time()
-            bar.update(1)
-
+        # Wall-clock time at which denoising starts: the start-up benchmark reads it.
+        self.denoise_start_unix_time = time.time()
         with self._bar(plan.denoise_steps, "denoise") as bar:
             return sample(self.unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
                           guide_scale=options.cfg, guide_rescale=GUIDE_RESCALE, windows=plan.windows,
-                          generator=generator, callback=step_done)
+                          generator=generator, callback=lambda i, total: bar.update(1))
 
     def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path) -> None:
         """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264."""
@@ -448,5 +443,5 @@ class Enhancer:
                      "latent_size": list(plan.latent_size), "windows": [list(w) for w in plan.windows],
                      "network_evals": plan.network_evals, "start_t": T_MAX},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "first_step_unix_time": self.first_step_unix_time,
+            "denoise_start_unix_time": self.denoise_start_unix_time,
         }

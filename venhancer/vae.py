@@ -6,6 +6,8 @@ to it and how the pieces are put back together.
 
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -46,8 +48,11 @@ def load_vae(
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no diffusers VAE folder (config.json + weights) at {folder}")
     variant = "fp16" if any(folder.glob("diffusion_pytorch_model.fp16.*")) else None
+    # Without `accelerate` diffusers falls back to plain loading anyway, but warns on every
+    # run; ask for plain loading directly then.
+    low_mem = importlib.util.find_spec("accelerate") is not None
     vae = AutoencoderKLTemporalDecoder.from_pretrained(
-        folder, variant=variant, torch_dtype=dtype, local_files_only=True
+        folder, variant=variant, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=low_mem
     )
     logger.info("loaded temporal VAE from %s (variant %s, %s)", folder, variant, dtype)
     return vae.to(device).eval().requires_grad_(False)

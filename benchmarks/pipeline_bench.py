@@ -1,0 +1,119 @@
+"""The seed clip end to end through the CLI, in a fresh process, on random-weight models.
+
+Called by `bench.py pipeline`. Writes full-size random-weight model files (network fp16
+safetensors, the ViT-H-14 text tower, an SVD-config temporal VAE) to a scratch folder, then times
+`enhance_a_video.py` on inputs/000000.mp4 (up_scale 4, target 24 fps, noise_aug 250) from process
+start. The per-phase timings, the peak GPU memory and the moment denoising started come from the
+output's JSON sidecar. `--steps N` runs the normal solver with N steps (the fast mode's 14 steps
+take ~14 window passes x 8 windows); the table then also gives the 14-step figure, scaled from
+the measured per-step time, and labels it as such.
+
+BENCH_SMOKE=1 runs the same flow on the CPU with the tiny test models (checks the script only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
+FAST_MODE_STEPS = 14
+
+
+def write_full_size_models(outdir: Path) -> Path:
+    """Random-weight stand-ins of the three real models, in the formats the tool loads."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from bench import build_model
+    from venhancer.text_encoder import TextEncoder, TextModelConfig
+
+    unet = build_model(torch.float16)
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(outdir / "unet.safetensors"))
+    del unet
+    torch.cuda.empty_cache()
+    text = TextEncoder(TextModelConfig.for_arch("ViT-H-14")).half()
+    save_file({k: v.detach().contiguous() for k, v in text.state_dict().items()}, str(outdir / "text_encoder.safetensors"))
+    del text
+    # Stable Video Diffusion's VAE: the SD encoder (128-256-512-512, 2 layers per block) with
+    # the temporal decoder.
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                       layers_per_block=2, latent_channels=4, sample_size=768, scaling_factor=0.18215)
+    vae.half().save_pretrained(outdir / "vae", variant="fp16")
+    config = {
+        "checkpoints": {"local_dir": ".", "paths": {"v1": "unet.safetensors", "v2": "unet.safetensors"}},
+        "text_encoder": {"path": "text_encoder.safetensors"},
+        "vae": {"path": "vae", "variant": "fp16"},
+    }
+    path = outdir / "config.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def run_pipeline(args) -> int:
+    out_dir = Path(os.environ.get("OUT", "."))
+    scratch = Path(tempfile.mkdtemp(prefix="venhancer-bench-"))
+    t0 = time.perf_counter()
+    if SMOKE:
+        from make_tiny_models import make_clip, make_tiny_models
+
+        config = make_tiny_models(scratch)
+        clip = make_clip(scratch / "clip.mp4")
+        flags = ["--up_scale", "2", "--target_fps", "24"]
+    else:
+        config = write_full_size_models(scratch)
+        clip = ROOT / "inputs" / "000000.mp4"
+        flags = ["--up_scale", "4", "--target_fps", "24"]
+    write_s = time.perf_counter() - t0
+    save_dir = scratch / "results"
+    cmd = [sys.executable, str(ROOT / "enhance_a_video.py"), "--input_path", str(clip), "--config", str(config),
+           "--save_dir", str(save_dir), "--noise_aug", "250", "--solver_mode", "normal", "--steps", str(args.steps),
+           "--prompt", "a red ball bouncing over a checkerboard", *flags]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - start
+    (out_dir / "pipeline_stderr.log").write_text(proc.stderr[-200_000:])
+    if proc.returncode != 0:
+        print(proc.stderr[-5000:], file=sys.stderr)
+        return proc.returncode
+    sidecar = json.loads((save_dir / (clip.stem + ".json")).read_text())
+    timings = sidecar["timings_s"]
+    per_step = timings["sample"] / args.steps
+    result = {
+        "gpu": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "steps_run": args.steps,
+        "model_files_write_s": write_s,
+        "process_wall_s": wall,
+        "startup_to_denoise_s": sidecar["denoise_start_unix_time"] - start,
+        "timings_s": timings,
+        "per_solver_step_s": per_step,
+        "fast_mode_total_s_scaled": wall - timings["sample"] + per_step * FAST_MODE_STEPS,
+        "plan": sidecar["plan"],
+        "output": sidecar["output"],
+    }
+    (out_dir / "bench_pipeline.json").write_text(json.dumps(result, indent=1))
+    print(f"\nSeed clip end to end on {result['gpu']} ({sidecar['output']['width']}x{sidecar['output']['height']}, "
+          f"{sidecar['output']['frames']} frames, {len(sidecar['plan']['windows'])} windows), {args.steps} solver steps measured:")
+    print(f"{'phase':<34}{'seconds':>10}")
+    print(f"{'process start -> denoising starts':<34}{result['startup_to_denoise_s']:>10.1f}")
+    for phase in ("read", "encode", "text", "sample", "decode_write", "total"):
+        print(f"{phase:<34}{timings[phase]:>10.1f}")
+    print(f"{'process wall time':<34}{wall:>10.1f}")
+    print(f"{'per solver step (all windows)':<34}{per_step:>10.1f}")
+    print(f"{'fast mode (14 steps), scaled':<34}{result['fast_mode_total_s_scaled']:>10.1f}")
+    peak = timings.get("peak_gpu_memory_reserved_GB")
+    if peak is not None:
+        print(f"{'peak GPU memory reserved (GB)':<34}{peak:>10.1f}")
+    return 0
