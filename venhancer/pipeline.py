@@ -33,6 +33,7 @@ from tqdm import tqdm
 from venhancer import __version__
 from venhancer.config import EnhancerConfig, PlanningConfig, load_config
 from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
+from venhancer.distributed import PeerOutOfMemory, solo
 from venhancer.models.optimize import optimize_for_inference
 from venhancer.loading import load_unet, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
 from venhancer.planning import (
@@ -255,6 +256,10 @@ class Enhancer:
     version: "v1" (venhancer_paper.pt) or "v2" (venhancer_v2.pt); model_path overrides the checkpoint.
     device: "auto"/None, "cpu", "cuda", "cuda:N". dtype: None (auto), a torch dtype or its name.
     progress: show tqdm bars (on a terminal) for encoding, denoising and decoding.
+
+    `sharding` (None: this process alone) may be set to a `venhancer.distributed.WindowSharding`:
+    every process then enhances the same videos in lockstep, sharing out the network evaluations of
+    each solver step, and only its writer process decodes and writes the outputs.
     """
 
     def __init__(self, config: EnhancerConfig | str | os.PathLike | None = None, version: str = "v1",
@@ -267,6 +272,7 @@ class Enhancer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress = progress
+        self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
         self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
         # Resolve (and download if needed) every file before loading any: a missing one fails fast.
         self.unet_path = resolve_unet_checkpoint(self.config, version, model_path or None)
@@ -277,8 +283,10 @@ class Enhancer:
         # Same function, faster kernels and a smaller footprint (venhancer.models.optimize).
         optimize_for_inference(self.unet)
         logger.info("loading text encoder %s", text_path)
+        # float32 always: OpenCLIP's LayerNorms compute in float32 and refuse half-precision
+        # weights, and the encoder runs once per video (1.4 GB, well under a second).
         self.text_encoder = load_text_encoder(text_path, model_cfg=self.config.text_encoder.model_cfg,
-                                              device=self.device, dtype=self.dtype)
+                                              device=self.device, dtype=torch.float32)
         logger.info("loading VAE %s", vae_source)
         self.vae = load_vae(vae_source, device=self.device, dtype=self.dtype)
 
@@ -303,12 +311,18 @@ class Enhancer:
             save_dir: str | os.PathLike = "results", overwrite: bool = False) -> EnhanceResult:
         """`enhance` with validated options."""
         path = Path(path)
-        save_dir = prepare_save_dir(Path(save_dir))
-        out_path = output_path_for(path, save_dir)
+        # Window sharding: every process runs this in lockstep; a failure on one, up to denoising,
+        # stops all (`_together`); only the writer creates, checks and writes outputs.
+        writes = self.sharding is None or self.sharding.is_writer
+        out_path = output_path_for(path, Path(save_dir))
         sidecar = out_path.with_suffix(".json")
-        if path.exists() and out_path.exists() and out_path.resolve() == path.resolve():
-            raise ValueError(f"{path}: the output would overwrite the input; choose another save directory")
-        if out_path.exists() and not overwrite:
+        with self._together() as skip:
+            if writes:
+                prepare_save_dir(Path(save_dir))
+                if path.exists() and out_path.exists() and out_path.resolve() == path.resolve():
+                    raise ValueError(f"{path}: the output would overwrite the input; choose another save directory")
+                skip.value = out_path.exists() and not overwrite
+        if skip.value:
             logger.info("%s: %s exists, skipping (use --overwrite to redo)", path.name, out_path)
             return EnhanceResult(path, out_path, sidecar if sidecar.exists() else None, True, prompt)
 
@@ -317,39 +331,47 @@ class Enhancer:
         self.denoise_start_unix_time = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with self._phase("read", timings):
-            video = read_video(path)
-        plan = plan_video(video.info, options, self.planning)
-        logger.info("%s: %s", path.name, plan.describe())
-        phase = "starting"
+        plan: Optional[VideoPlan] = None
+        phase = "reading"
         try:
             with torch.inference_mode():
-                generator = torch.Generator(device=self.device).manual_seed(options.seed)
-                phase = "encoding frames"
-                with self._phase("encode", timings):
-                    z_key = self._encode(video.frames, plan, generator)
-                phase = "encoding the prompt"
-                with self._phase("text", timings):
-                    y_cond, y_uncond = self._encode_text(prompt, path)
+                with self._together():
+                    with self._phase("read", timings):
+                        video = read_video(path)
+                    plan = plan_video(video.info, options, self.planning)
+                    logger.info("%s: %s", path.name, plan.describe())
+                    generator = torch.Generator(device=self.device).manual_seed(options.seed)
+                    phase = "encoding frames"
+                    with self._phase("encode", timings):
+                        z_key = self._encode(video.frames, plan, generator)
+                    phase = "encoding the prompt"
+                    with self._phase("text", timings):
+                        y_cond, y_uncond = self._encode_text(prompt, path)
                 phase = "denoising"
                 with self._phase("sample", timings):
                     x0 = self._denoise(z_key, y_cond, y_uncond, plan, options, generator)
+                if not writes:
+                    return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
                 with self._phase("decode_write", timings):
                     self._decode_and_write(x0, plan, out_path)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            size = f" ({plan.width}x{plan.height}, {plan.out_frames} frames)" if plan is not None else ""
+            where = f"on process {exc.rank}" if isinstance(exc, PeerOutOfMemory) else f"while {phase}"
             raise EnhanceError(
-                f"{path.name}: out of {self.device.type.upper()} memory while {phase} "
-                f"({plan.width}x{plan.height}, {plan.out_frames} frames): lower --up_scale (e.g. 2), "
-                f"lower --target_fps, or enhance a shorter clip") from exc
+                f"{path.name}: out of {self.device.type.upper()} memory {where}{size}: "
+                f"lower --up_scale (e.g. 2), lower --target_fps, or enhance a shorter clip") from exc
         timings["total"] = time.perf_counter() - start
         if self.device.type == "cuda":
             timings["peak_gpu_memory_reserved_GB"] = torch.cuda.max_memory_reserved(self.device) / 1e9
         _write_json_atomic(sidecar, self._sidecar(path, out_path, prompt, options, plan, timings))
         logger.info("%s: wrote %s in %.1f s", path.name, out_path, timings["total"])
         return EnhanceResult(path, out_path, sidecar, False, prompt, plan, timings)
+
+    def _together(self):  # -> context manager yielding a venhancer.distributed.Agreement
+        return solo() if self.sharding is None else self.sharding.together()
 
     @contextmanager
     def _phase(self, name: str, timings: dict[str, float]) -> Iterator[None]:
@@ -394,19 +416,34 @@ class Enhancer:
     def _denoise(self, z_key: torch.Tensor, y_cond: torch.Tensor, y_uncond: torch.Tensor, plan: VideoPlan,
                  options: EnhanceOptions, generator: torch.Generator) -> torch.Tensor:
         """SPEC 1.5, 1.9-1.11: repeated latents, noised key-frame hint, SDEdit start, guided sampling."""
-        z = expand_latents(z_key, plan.k)
-        hint, t_hint = noise_hint(z_key, options.noise_aug, generator=generator)
-        mask = torch.tensor([mask_cond(plan.input.num_frames, plan.k)], dtype=torch.long, device=self.device)
-        s_cond = torch.full((1,), options.s_cond, device=self.device)
-        cond = {"y": y_cond, "hint": hint, "mask_cond": mask, "s_cond": s_cond, "t_hint": t_hint}
-        uncond = {**cond, "y": y_uncond}
-        x_T = start_latent(z, generator=generator)
-        # Wall-clock time at which denoising starts: the start-up benchmark reads it.
-        self.denoise_start_unix_time = time.time()
-        with self._bar(plan.denoise_steps, "denoise") as bar:
-            return sample(self.unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
-                          guide_scale=options.cfg, guide_rescale=GUIDE_RESCALE, windows=plan.windows,
-                          generator=generator, callback=lambda i, total: bar.update(1))
+        shard = self.sharding
+        if shard is not None:
+            # Every process drew the same noise and computed the same values; rank 0's are shared
+            # anyway, so the inputs are identical even where GPU kernels are not bit-reproducible.
+            z_key, y_cond, y_uncond = shard.share(z_key, y_cond, y_uncond)
+            shard.begin(plan.denoise_steps)
+        try:
+            z = expand_latents(z_key, plan.k)
+            hint, t_hint = noise_hint(z_key, options.noise_aug, generator=generator)
+            mask = torch.tensor([mask_cond(plan.input.num_frames, plan.k)], dtype=torch.long, device=self.device)
+            s_cond = torch.full((1,), options.s_cond, device=self.device)
+            cond = {"y": y_cond, "hint": hint, "mask_cond": mask, "s_cond": s_cond, "t_hint": t_hint}
+            uncond = {**cond, "y": y_uncond}
+            x_T = start_latent(z, generator=generator)
+            # Wall-clock time at which denoising starts: the start-up benchmark reads it.
+            self.denoise_start_unix_time = time.time()
+            with self._bar(plan.denoise_steps, "denoise") as bar:
+                x0 = sample(self.unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
+                            guide_scale=options.cfg, guide_rescale=GUIDE_RESCALE, windows=plan.windows,
+                            generator=generator, callback=lambda i, total: bar.update(1),
+                            evaluate=None if shard is None else shard.evaluate)
+        except Exception as exc:
+            if shard is not None:
+                shard.finish(exc)  # the other processes learn of it, then all stop
+            raise
+        if shard is not None:
+            shard.finish()
+        return x0
 
     def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path) -> None:
         """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264."""
@@ -444,4 +481,5 @@ class Enhancer:
                      "network_evals": plan.network_evals, "start_t": T_MAX},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "denoise_start_unix_time": self.denoise_start_unix_time,
+            "distributed": None if self.sharding is None else self.sharding.describe(),
         }
