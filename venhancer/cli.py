@@ -3,6 +3,10 @@
 Every failure the user can cause (bad path, unusable video, bad option, missing or wrong weights,
 absent GPU, out of memory) ends as one log line and a non-zero exit code, never a traceback; the
 full traceback of an unexpected error is logged at --log_level debug.
+
+Under torchrun the same command runs on several processes (venhancer.distributed): rank 0 checks
+the inputs and hands out the work, logs at the chosen level and prints the summary; the other
+processes log warnings and errors only, prefixed with their rank.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from venhancer.distributed import DistContext
 
 logger = logging.getLogger("venhancer")
 
@@ -36,6 +43,10 @@ class _TqdmHandler(logging.Handler):
 
 
 class _Formatter(logging.Formatter):
+    def __init__(self, prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.levelno >= logging.WARNING:
@@ -43,16 +54,18 @@ class _Formatter(logging.Formatter):
         # Tracebacks only when asked for (--log_level debug logs them with exc_info).
         if record.exc_info and logging.getLogger("venhancer").isEnabledFor(logging.DEBUG):
             message += "\n" + self.formatException(record.exc_info)
-        return message
+        return self.prefix + message
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, rank: int = 0) -> None:
+    """Log lines on stderr; a process other than rank 0 logs warnings and errors only, prefixed."""
     handler = _TqdmHandler()
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(_Formatter(f"[rank {rank}] " if rank else ""))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)  # third-party libraries: warnings and errors only
-    logging.getLogger("venhancer").setLevel(level.upper())
+    package_level = logging.getLevelName(level.upper())
+    logging.getLogger("venhancer").setLevel(max(package_level, logging.WARNING) if rank else package_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,18 +178,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # low across the differently sized windows, tiles and frames of a run.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    # After parsing (torch is heavy): --help stays instant.
+    from venhancer.distributed import CommunicationError, DistContext
+
     try:
-        return _main(args)
+        dist = DistContext.from_env()  # torchrun's WORLD_SIZE / RANK / LOCAL_RANK, else one process
+    except ValueError as exc:
+        setup_logging(args.log_level)
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    setup_logging(args.log_level, rank=dist.rank)
+    try:
+        code = _main(args, dist)
+        dist.barrier()  # every process has logged what it had to
+        return code
     except KeyboardInterrupt:
         logger.error("interrupted; finished outputs are kept, the one in progress was removed")
         return EXIT_INTERRUPTED
+    except CommunicationError as exc:  # a process died or a timeout passed: nothing more can be agreed
+        logger.error("%s", _failure(exc))
+        return EXIT_FAILED
+    finally:
+        dist.close()
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, dist: "DistContext") -> int:
     # Heavy imports (torch, diffusers, open_clip) after argument parsing: --help stays instant.
     from venhancer.config import load_config
-    from venhancer.loading import CheckpointError, WeightsUnavailableError
+    from venhancer.distributed import CommunicationError, PeerFailure, WindowSharding, shard_videos
+    from venhancer.loading import (
+        CheckpointError,
+        WeightsUnavailableError,
+        resolve_text_encoder_weights,
+        resolve_unet_checkpoint,
+        resolve_vae,
+    )
     from venhancer.pipeline import (
         EnhanceError,
         Enhancer,
@@ -190,6 +226,16 @@ def _main(args: argparse.Namespace) -> int:
     )
     from venhancer.video_io import VideoError, probe_video
 
+    # Under torchrun every step up to the run itself is agreed between the processes, so that none
+    # goes on while another has stopped (each returns the same exit code).
+    try:
+        dist.start()
+    except (RuntimeError, ValueError, OSError) as exc:
+        logger.error("could not start the process group: %s", _failure(exc))
+        return EXIT_FAILED
+
+    error: Optional[str] = None
+    device = None
     try:
         options = EnhanceOptions(up_scale=args.up_scale, target_fps=args.target_fps, noise_aug=args.noise_aug,
                                  solver_mode=args.solver_mode, steps=args.steps, cfg=args.cfg,
@@ -198,71 +244,125 @@ def _main(args: argparse.Namespace) -> int:
         videos = collect_videos(Path(args.input_path))
         prompts = resolve_prompts(videos, args.prompt, args.prompt_path, args.filename_as_prompt)
         if not args.dry_run:
-            device = resolve_device(args.device)
+            device = resolve_device(dist.device_name(args.device))  # under torchrun: cuda:LOCAL_RANK
             resolve_dtype(args.dtype, device)
             prepare_save_dir(Path(args.save_dir))
     except (ValueError, OSError, DeviceError) as exc:
-        logger.error("%s", _failure(exc))
+        error = _failure(exc)
+    error = dist.first_error(error)
+    if error is None and dist.enabled and device is not None:
+        kinds = dist.all_gather_object(device.type)
+        if len(set(kinds)) > 1:
+            error = f"the processes would run on different kinds of device ({', '.join(kinds)}); give all the same --device"
+        else:
+            dist.bind(device)
+    if error is not None:
+        if dist.is_main:
+            logger.error("%s", error)
         return EXIT_USAGE
 
     save_dir = Path(args.save_dir)
     failed: list[tuple[str, str]] = []
     skipped: list[str] = []
-    jobs: list[Job] = []
-    outputs: dict[Path, Path] = {}
-    for video, prompt in zip(videos, prompts):
-        out = output_path_for(video, save_dir)
-        if out in outputs:
-            failed.append((video.name, f"output {out.name} is already produced by {outputs[out].name}"))
-            continue
-        outputs[out] = video
-        if out.exists() and out.resolve() == video.resolve():
-            failed.append((video.name, "the output would overwrite the input; choose another --save_dir"))
-        elif out.exists() and not args.overwrite:
-            skipped.append(video.name)
-        else:
-            jobs.append(Job(video, prompt, out))
-
-    # Check every video before any weights are loaded, so a bad file costs nothing.
     ready: list[Job] = []
-    for job in jobs:
-        try:
-            info = probe_video(job.video)
-            plan = plan_video(info, options, config.planning)
-        except ValueError as exc:  # VideoError, or a video the planning rules reject
-            failed.append((job.video.name, _failure(exc)))
-            logger.error("%s", _failure(exc))
-            continue
-        if args.dry_run:
-            logger.info("%s: %s; prompt %r; output %s", job.video.name, plan.describe(), job.prompt, job.output)
-        ready.append(job)
+    if dist.is_main:  # rank 0 checks the inputs and tells the others what to do
+        jobs: list[Job] = []
+        outputs: dict[Path, Path] = {}
+        for video, prompt in zip(videos, prompts):
+            out = output_path_for(video, save_dir)
+            if out in outputs:
+                failed.append((video.name, f"output {out.name} is already produced by {outputs[out].name}"))
+                continue
+            outputs[out] = video
+            if out.exists() and out.resolve() == video.resolve():
+                failed.append((video.name, "the output would overwrite the input; choose another --save_dir"))
+            elif out.exists() and not args.overwrite:
+                skipped.append(video.name)
+            else:
+                jobs.append(Job(video, prompt, out))
 
-    if args.dry_run:
-        for name in skipped:
-            logger.info("%s: output exists, would be skipped (use --overwrite to redo)", name)
-        _summary([j.video.name for j in ready], skipped, failed, "planned")
-        return EXIT_FAILED if failed else EXIT_OK
-
-    done: list[str] = []
-    if ready:
-        try:
-            enhancer = Enhancer(config, version=args.version, model_path=args.model_path or None,
-                                device=args.device, dtype=args.dtype)
-        except (CheckpointError, WeightsUnavailableError, DeviceError, OSError, ValueError) as exc:
-            logger.error("could not load the models: %s", _failure(exc))
-            return EXIT_FAILED
-        for job in ready:
+        # Check every video before any weights are loaded, so a bad file costs nothing.
+        for job in jobs:
             try:
-                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite)
-                done.append(job.video.name)
-            except (VideoError, EnhanceError, ValueError, OSError) as exc:
+                info = probe_video(job.video)
+                plan = plan_video(info, options, config.planning)
+            except ValueError as exc:  # VideoError, or a video the planning rules reject
                 failed.append((job.video.name, _failure(exc)))
                 logger.error("%s", _failure(exc))
+                continue
+            if args.dry_run:
+                logger.info("%s: %s; prompt %r; output %s", job.video.name, plan.describe(), job.prompt, job.output)
+            ready.append(job)
+    failed, skipped, ready = dist.broadcast_object((failed, skipped, ready))
+
+    if args.dry_run:
+        if dist.is_main:
+            for name in skipped:
+                logger.info("%s: output exists, would be skipped (use --overwrite to redo)", name)
+            _summary([j.video.name for j in ready], skipped, failed, "planned")
+        return EXIT_FAILED if failed else EXIT_OK
+
+    # Several processes share out whole videos when each can get one, else each video's windows.
+    share_videos = dist.enabled and Path(args.input_path).is_dir() and len(ready) >= dist.world_size
+    run_done: list[tuple[int, str]] = []  # (index in ready, name)
+    run_failed: list[tuple[int, str, str]] = []  # (index in ready, name, reason)
+    if ready:
+        load_errors = (CheckpointError, WeightsUnavailableError, DeviceError, OSError, ValueError)
+        error = None
+        if dist.enabled:
+            # Local rank 0 fetches any missing weights first: one download per node.
+            try:
+                if dist.local_rank == 0:
+                    resolve_unet_checkpoint(config, args.version, args.model_path or None)
+                    resolve_text_encoder_weights(config)
+                    resolve_vae(config)
+            except load_errors as exc:
+                error = _failure(exc)
+            error = dist.first_error(error)
+        if error is None:
+            try:
+                enhancer = Enhancer(config, version=args.version, model_path=args.model_path or None,
+                                    device=str(device), dtype=args.dtype, progress=dist.is_main)
+            except load_errors as exc:
+                error = _failure(exc)
+            error = dist.first_error(error)
+        if error is not None:
+            if dist.is_main:
+                logger.error("could not load the models: %s", error)
+            return EXIT_FAILED
+        mine = list(enumerate(ready))
+        if share_videos:
+            mine = shard_videos(mine, dist.rank, dist.world_size)
+        elif dist.enabled:
+            enhancer.sharding = WindowSharding(dist, device)
+        # Sharing windows, rank 0 reports for all (the others fail with it, or for it).
+        report = dist.is_main or share_videos
+        for index, job in mine:
+            try:
+                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite)
+                run_done.append((index, job.video.name))
+            except (VideoError, EnhanceError, ValueError, OSError, PeerFailure) as exc:
+                reason = _failure(exc)
+                if isinstance(exc, PeerFailure) and job.video.name not in reason:
+                    reason = f"{job.video.name}: {reason}"  # another process failed on this video
+                run_failed.append((index, job.video.name, reason))
+                if report:
+                    logger.error("%s", reason)
+            except CommunicationError:
+                raise
             except Exception as exc:  # keep the folder run going; details at --log_level debug
-                failed.append((job.video.name, f"{type(exc).__name__}: {_failure(exc)}"))
-                logger.error("%s: unexpected error: %s: %s", job.video.name, type(exc).__name__, _failure(exc),
-                             exc_info=True)
-    for name in skipped:
-        logger.info("%s: output exists, skipped (use --overwrite to redo)", name)
-    _summary(done, skipped, failed, "enhanced")
+                run_failed.append((index, job.video.name, f"{type(exc).__name__}: {_failure(exc)}"))
+                if report:
+                    logger.error("%s: unexpected error: %s: %s", job.video.name, type(exc).__name__,
+                                 _failure(exc), exc_info=True)
+    # Every process's results (sharing windows, rank 0's stand for all), in the order of the videos.
+    results = dist.all_gather_object((run_done, run_failed))
+    if not share_videos:
+        results = results[:1]
+    done = [name for _, name in sorted(d for r in results for d in r[0])]
+    failed += [(name, reason) for _, name, reason in sorted(f for r in results for f in r[1])]
+    if dist.is_main:
+        for name in skipped:
+            logger.info("%s: output exists, skipped (use --overwrite to redo)", name)
+        _summary(done, skipped, failed, "enhanced")
     return EXIT_FAILED if failed else EXIT_OK
