@@ -64,3 +64,35 @@ def test_window_uses_global_key_indices(tiny_model, tiny_case):
     with torch.no_grad():
         out = tiny_model(x, t, y, wider, t_hint, s_cond, shifted)
     assert max_abs(out, tiny_case["out"]) <= 2e-5
+
+
+def test_fused_norm_falls_back_when_compilation_fails(monkeypatch, caplog):
+    from venhancer.models import layers
+
+    def broken(*args):
+        raise RuntimeError("no working C compiler")
+
+    monkeypatch.setattr(layers, "_compiled_group_norm_act", broken)
+    monkeypatch.setattr(layers, "_compile_failed", False)
+    x, w, b = torch.randn(2, 64, 3, 4), torch.randn(64), torch.randn(64)
+    with caplog.at_level("WARNING"):
+        out = layers._fused_group_norm_act(x, w, b, 32, 1e-5, True)
+    assert torch.allclose(out, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b, 1e-5)), atol=1e-6)
+    assert "no working C compiler" in caplog.text and layers._compile_failed
+
+
+def test_fused_norm_matches_eager_on_every_layout():
+    """The compiled kernel (CPU inductor here; CUDA in use) gives the eager result for the
+    layouts the network hands it: per-frame channels-last and the 5-D temporal views."""
+    from venhancer.models import layers
+
+    w, b = torch.randn(64), torch.randn(64)
+    inputs = [
+        torch.randn(6, 64, 5, 8).contiguous(memory_format=torch.channels_last),
+        torch.randn(1, 64, 6, 5, 8).contiguous(memory_format=torch.channels_last_3d),
+        torch.randn(1, 6, 64, 5, 8).transpose(1, 2),
+    ]
+    for x in inputs:
+        for silu in (True, False):
+            got = layers._fused_group_norm_act(x, w, b, 32, 1e-6, silu)
+            assert torch.allclose(got, layers._group_norm_act(x, w, b, 32, 1e-6, silu), atol=1e-5)

@@ -8,11 +8,15 @@ Attribute names follow the checkpoint's state-dict keys (including its `temopral
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import GROUP_NORM_GROUPS
+
+logger = logging.getLogger(__name__)
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -26,6 +30,7 @@ def _group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
 
 
 _compiled_group_norm_act = None
+_compile_failed = False
 
 
 def _fused_group_norm_act(*args) -> torch.Tensor:
@@ -34,11 +39,21 @@ def _fused_group_norm_act(*args) -> torch.Tensor:
     # half-precision memory (eager runs five full-size passes, two of them in float32).
     # One graph per (layout, eps, activation) combination: about a dozen in the full network,
     # more than dynamo's default recompile limit of 8.
-    global _compiled_group_norm_act
+    global _compiled_group_norm_act, _compile_failed
+    if _compile_failed:
+        return _group_norm_act(*args)
     if _compiled_group_norm_act is None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_group_norm_act = torch.compile(_group_norm_act, dynamic=True, fullgraph=True)
-    return _compiled_group_norm_act(*args)
+    try:
+        return _compiled_group_norm_act(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # no Triton / compiler on this machine: same result, slower kernels
+        _compile_failed = True
+        logger.warning("compiled GroupNorm kernel unavailable (%s: %s); using the eager one",
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return _group_norm_act(*args)
 
 
 class GroupNorm32(nn.GroupNorm):
