@@ -8,7 +8,7 @@ from torch import nn
 
 from .blocks import build_encoder, build_middle
 from .config import UNetConfig
-from .inputs import prepare_inputs
+from .inputs import NetworkInputs, prepare_inputs
 from .layers import EmbeddingMLP, timestep_sinusoid
 
 
@@ -47,6 +47,10 @@ class VideoControlNet(nn.Module):
             in_dim=cfg.in_dim, context_dim=cfg.context_dim, num_levels=len(cfg.dim_mult),
             dtype=model_input_dtype(self, x.device),
         )
+        return self.run(inp)
+
+    def run(self, inp: NetworkInputs) -> list[torch.Tensor]:
+        """`forward` on already validated inputs (the UNet validates once for both networks)."""
         b, c, f, h, w = inp.x.shape
         emb = self.frame_embedding(inp.t, inp.t_hint, inp.s_cond, inp.mask_cond)  # ((b f), embed_dim)
         hint_add = self.hint_features(inp.hint, inp.mask_cond)  # ((b f), hint_dim, h, w)

@@ -62,7 +62,7 @@ class VEnhancerUNet(nn.Module):
             dtype=model_input_dtype(self, x.device),
         )
         b, c, f, h, w = inp.x.shape
-        control = self.VideoControlNet(inp.x, inp.t, inp.y, inp.hint, inp.t_hint, inp.s_cond, inp.mask_cond)
+        control = self.VideoControlNet.run(inp)
 
         emb = self.time_embed(timestep_sinusoid(inp.t, cfg.dim))  # (b, E)
         emb = emb.repeat_interleave(f, dim=0)  # ((b f), E)
