@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -181,3 +182,28 @@ def test_truncated_torch_file(tmp_path, small_model):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_unet(tmp_path / "nothing.pt", SMALL)
+
+
+def test_pickle_checkpoint_gets_a_half_precision_cache(tmp_path, small_model, caplog):
+    from venhancer.loading import checkpoint_cache_path, load_unet_cached
+
+    path = tmp_path / "venhancer_v2.pt"
+    torch.save(small_model.state_dict(), path)
+    cache = checkpoint_cache_path(path, torch.float16)
+    assert cache == tmp_path / "venhancer_v2.float16.safetensors"
+    assert checkpoint_cache_path(path, torch.float32) is None
+    assert checkpoint_cache_path(cache, torch.float16) is None
+
+    first = load_unet_cached(path, SMALL, dtype=torch.float16)
+    assert cache.is_file()
+    with caplog.at_level("INFO", logger="venhancer.loading"):
+        second = load_unet_cached(path, SMALL, dtype=torch.float16)
+    assert "using the converted checkpoint" in caplog.text
+    _assert_same_weights(second, first)
+
+    # A source newer than its copy (a re-downloaded checkpoint) is read again.
+    os.utime(cache, (1, 1))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="venhancer.loading"):
+        load_unet_cached(path, SMALL, dtype=torch.float16)
+    assert "using the converted checkpoint" not in caplog.text

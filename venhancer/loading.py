@@ -4,18 +4,25 @@ Two sections live here: the denoising-network checkpoint loader, and the resolut
 every weight file (VEnhancer checkpoints, OpenCLIP text weights, the SVD temporal VAE).
 """
 
-# ---------------------------------------------------------------------------------------------
-# Network checkpoint loading (load_unet and its helpers)
-# ---------------------------------------------------------------------------------------------
-
+import importlib
+import logging
 import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import errors as hub_errors
+from huggingface_hub import hf_hub_download
 
+from venhancer.config import EnhancerConfig
 from venhancer.models import UNetConfig, VEnhancerUNet
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Network checkpoint loading
+# ---------------------------------------------------------------------------------------------
 
 
 class CheckpointError(ValueError):
@@ -158,19 +165,49 @@ def save_unet_safetensors(model_or_state_dict: torch.nn.Module | Mapping[str, to
     return path
 
 
+
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def checkpoint_cache_path(path: str | os.PathLike, dtype: torch.dtype) -> Path | None:
+    """Where the safetensors copy of a pickle checkpoint in `dtype` lives (next to it), or None
+    for checkpoints that need no copy (already safetensors, or float32).
+
+    Unpickling the 2B-parameter checkpoint and converting it takes most of a run's start-up; the
+    half-precision safetensors copy is memory-mapped and loads in seconds.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in _PICKLE_SUFFIXES or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return path.with_name(f"{path.stem}.{str(dtype).replace('torch.', '')}.safetensors")
+
+
+def load_unet_cached(
+    path: str | os.PathLike,
+    config: UNetConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> VEnhancerUNet:
+    """`load_unet`, reading (or, the first time, writing) the half-precision safetensors copy of a
+    pickle checkpoint. A copy older than its source is ignored; a folder that cannot be written
+    only costs the speed-up."""
+    path = Path(path)
+    cache = checkpoint_cache_path(path, dtype)
+    if cache is not None and cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
+        logger.info("using the converted checkpoint %s", cache)
+        return load_unet(cache, config=config, device=device, dtype=dtype)
+    model = load_unet(path, config=config, device=device, dtype=dtype)
+    if cache is not None:
+        try:
+            save_unet_safetensors(model, cache)
+            logger.info("wrote %s: later runs start faster", cache)
+        except OSError as exc:
+            logger.warning("could not write the converted checkpoint %s (%s); later runs will convert again", cache, exc)
+    return model
+
 # ---------------------------------------------------------------------------------------------
 # Weight sources and downloads
 # ---------------------------------------------------------------------------------------------
-
-import importlib
-import logging
-
-from huggingface_hub import errors as hub_errors
-from huggingface_hub import hf_hub_download
-
-from venhancer.config import EnhancerConfig
-
-logger = logging.getLogger(__name__)
 
 _HUB = "https://huggingface.co"
 

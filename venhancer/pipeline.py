@@ -35,7 +35,7 @@ from venhancer.config import EnhancerConfig, PlanningConfig, load_config
 from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
 from venhancer.distributed import PeerOutOfMemory, solo
 from venhancer.models.optimize import optimize_for_inference
-from venhancer.loading import load_unet, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
+from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
 from venhancer.planning import (
     chunk_windows,
     interp_frames,
@@ -279,7 +279,7 @@ class Enhancer:
         text_path = resolve_text_encoder_weights(self.config)
         vae_source = resolve_vae(self.config)
         logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
-        self.unet = load_unet(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
+        self.unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
         # Same function, faster kernels and a smaller footprint (venhancer.models.optimize).
         optimize_for_inference(self.unet)
         logger.info("loading text encoder %s", text_path)
