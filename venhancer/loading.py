@@ -165,7 +165,6 @@ def save_unet_safetensors(model_or_state_dict: torch.nn.Module | Mapping[str, to
     return path
 
 
-
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
@@ -173,8 +172,8 @@ def checkpoint_cache_path(path: str | os.PathLike, dtype: torch.dtype) -> Path |
     """Where the safetensors copy of a pickle checkpoint in `dtype` lives (next to it), or None
     for checkpoints that need no copy (already safetensors, or float32).
 
-    Unpickling the 2B-parameter checkpoint and converting it takes most of a run's start-up; the
-    half-precision safetensors copy is memory-mapped and loads in seconds.
+    Unpickling the 2B-parameter checkpoint reads and converts every tensor on each run; the
+    half-precision safetensors copy is memory-mapped and needs no conversion.
     """
     path = Path(path)
     if path.suffix.lower() not in _PICKLE_SUFFIXES or dtype not in (torch.float16, torch.bfloat16):

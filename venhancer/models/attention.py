@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layers import GroupNorm32
 
@@ -85,8 +86,6 @@ def set_tuned_sdpa(enabled: bool) -> None:
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if not (_tuned_sdpa and q.is_cuda):
         return F.scaled_dot_product_attention(q, k, v)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     if q.shape[-2] <= _SHORT_SEQUENCE:
         order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     else:
