@@ -122,7 +122,7 @@ def matmul_rate() -> float:
 
 
 def set_variant(model, *, fused: bool, channels_last: bool, tuned: bool, chunk) -> None:
-    optimize_for_inference(model, InferenceOptions(channels_last=channels_last, fused_norm=fused, tuned_attention=tuned, ff_chunk_tokens=chunk))
+    optimize_for_inference(model, InferenceOptions(channels_last=channels_last, fused_kernels=fused, tuned_attention=tuned, ff_chunk_tokens=chunk))
 
 
 def run_forward(args) -> dict:
@@ -178,7 +178,7 @@ def run_forward(args) -> dict:
         variants = [("optimized_batched", full, batched), ("optimized_sequential", full, sequential)]
         if args.ablations and frames == args.frames[0]:
             variants += [
-                ("no_fused_norm", dict(full, fused=False), sequential),
+                ("no_fused_kernels", dict(full, fused=False), sequential),
                 ("no_channels_last", dict(full, channels_last=False), sequential),
                 ("no_tuned_sdpa", dict(full, tuned=False), sequential),
                 ("no_ff_chunks", dict(full, chunk=None), sequential),

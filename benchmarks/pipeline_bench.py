@@ -98,6 +98,7 @@ def run_pipeline(args) -> int:
         "process_wall_s": wall,
         "startup_to_denoise_s": sidecar["denoise_start_unix_time"] - start,
         "timings_s": timings,
+        "model_load_s": sidecar.get("model_load_s", {}),
         "per_solver_step_s": per_step,
         "fast_mode_total_s_scaled": wall - timings["sample"] + per_step * FAST_MODE_STEPS,
         "plan": sidecar["plan"],
@@ -108,6 +109,8 @@ def run_pipeline(args) -> int:
           f"{sidecar['output']['frames']} frames, {len(sidecar['plan']['windows'])} windows), {args.steps} solver steps measured:")
     print(f"{'phase':<34}{'seconds':>10}")
     print(f"{'process start -> denoising starts':<34}{result['startup_to_denoise_s']:>10.1f}")
+    for name, seconds in result["model_load_s"].items():
+        print(f"{'  ' + name:<34}{seconds:>10.1f}")
     for phase in ("read", "encode", "text", "sample", "decode_write", "total"):
         print(f"{phase:<34}{timings[phase]:>10.1f}")
     print(f"{'process wall time':<34}{wall:>10.1f}")

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKLTemporalDecoder
 from diffusers.utils.torch_utils import randn_tensor
 
 from venhancer.diffusion.chunking import blend_time
+from venhancer.models.layers import GroupNorm32
 from venhancer.planning import (
     VAE_FRAME_OVERLAP,
     VAE_FRAME_WINDOW,
@@ -56,6 +57,25 @@ def load_vae(
     )
     logger.info("loaded temporal VAE from %s (variant %s, %s)", folder, variant, dtype)
     return vae.to(device).eval().requires_grad_(False)
+
+
+def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDecoder:
+    """Same function, faster kernels, in place: channels-last convolution weights (cuDNN's NHWC
+    kernels; activations follow the weights' layout) and the GroupNorms on the Triton kernel
+    (`venhancer.models.kernels`, float32 statistics) where the layout allows. Parameter values and
+    names are untouched."""
+    for module in list(vae.modules()):
+        for name, child in module.named_children():
+            if type(child) is torch.nn.GroupNorm and child.affine and child.num_groups == GroupNorm32.GROUPS:
+                fused = GroupNorm32(child.num_channels, eps=child.eps).to(child.weight)
+                fused.load_state_dict(child.state_dict())
+                fused.fused = True
+                setattr(module, name, fused)
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return vae
 
 
 def _vae_device(vae: AutoencoderKLTemporalDecoder) -> torch.device:

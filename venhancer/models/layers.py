@@ -8,15 +8,12 @@ Attribute names follow the checkpoint's state-dict keys (including its `temopral
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import GROUP_NORM_GROUPS
-
-logger = logging.getLogger(__name__)
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -29,33 +26,6 @@ def _group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
     return out.to(x.dtype)
 
 
-_compiled_group_norm_act = None
-_compile_failed = False
-
-
-def _fused_group_norm_act(*args) -> torch.Tensor:
-    # Compiled lazily, once per process: inductor turns the upcast, the two-pass statistics,
-    # the affine, the SiLU and the downcast into one reduction and one pointwise kernel over
-    # half-precision memory (eager runs five full-size passes, two of them in float32).
-    # One graph per (layout, eps, activation) combination: about a dozen in the full network,
-    # more than dynamo's default recompile limit of 8.
-    global _compiled_group_norm_act, _compile_failed
-    if _compile_failed:
-        return _group_norm_act(*args)
-    if _compiled_group_norm_act is None:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_group_norm_act = torch.compile(_group_norm_act, dynamic=True, fullgraph=True)
-    try:
-        return _compiled_group_norm_act(*args)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # no Triton / compiler on this machine: same result, slower kernels
-        _compile_failed = True
-        logger.warning("compiled GroupNorm kernel unavailable (%s: %s); using the eager one",
-                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return _group_norm_act(*args)
-
-
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are always computed in float32.
 
@@ -64,20 +34,38 @@ class GroupNorm32(nn.GroupNorm):
     A 5-D input `(b, c, f, h, w)` gets statistics over all frames, as the temporal layers need.
 
     `apply_silu` (set by `venhancer.models.optimize`, which then drops the following SiLU
-    module) applies the activation in the same pass; `fused` uses the compiled kernel.
+    module) applies the activation in the same pass; `fused` runs the Triton kernel
+    (`venhancer.models.kernels`) where the input's layout allows.
     """
+
+    GROUPS = GROUP_NORM_GROUPS
 
     def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__(GROUP_NORM_GROUPS, num_channels, eps=eps, affine=True)
         self.apply_silu = False
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda:
-            return _fused_group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, self.apply_silu)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise `x`, or `x + add` for `add` of shape (n, c) broadcast over the positions."""
+        if self.fused and kernels.runs_on(x) and kernels.group_norm_supported(x, self.num_groups):
+            return kernels.group_norm(x, self.weight, self.bias, self.eps, self.apply_silu, add=add)
+        if add is not None:
+            x = x + add.to(x.dtype).reshape(*add.shape, *([1] * (x.ndim - 2)))
         if x.dtype in _HALF_DTYPES or self.apply_silu:
             return _group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, self.apply_silu)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def conv_without_bias(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution of `conv` without its bias (added by a later fused step)."""
+    return conv._conv_forward(x, conv.weight, None)
+
+
+def add_with_channel_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """a + b + bias (per channel, axis 1): one Triton pass where the layouts allow."""
+    if kernels.runs_on(a) and kernels.add_supported(a, b):
+        return kernels.add_with_bias(a, b, bias)
+    return a + b + bias.to(a.dtype).reshape(-1, *([1] * (a.ndim - 2)))
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -152,13 +140,27 @@ class TemporalConvBlock(nn.Module):
         self.conv3 = stage(with_dropout_slot=True)
         self.conv4 = stage(with_dropout_slot=True)
 
+        self.fold_conv_bias = False  # set by optimize, see `forward`
+
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         video = frames_to_video(x, num_frames)  # (b, c, f, h, w)
-        h = self.conv1(video)
-        h = self.conv2(h)
-        h = self.conv3(h)
-        h = self.conv4(h)
-        return video_to_frames(video + h)
+        if not self.fold_conv_bias:
+            h = self.conv1(video)
+            h = self.conv2(h)
+            h = self.conv3(h)
+            h = self.conv4(h)
+            return video_to_frames(video + h)
+        # Each convolution's bias is added by the norm of the next stage, the last one's by the
+        # residual sum: the same sums without a separate pass over the activations for each bias.
+        h, bias = video, None
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            norm, *between, conv = stage  # GN, SiLU (Identity once folded) [, Identity], Conv3d
+            h = norm(h, add=None if bias is None else bias.expand(h.shape[0], -1))
+            for layer in between:
+                h = layer(h)
+            h = conv_without_bias(conv, h)
+            bias = conv.bias
+        return video_to_frames(add_with_channel_bias(video, h, bias))
 
 
 class ResBlock(nn.Module):
@@ -178,13 +180,25 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(in_channels, out_channels, 1)
         self.temopral_conv = TemporalConvBlock(out_channels)
+        self.fold_conv_bias = False  # set by optimize, see `forward`
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
         # x: ((b f), c_in, h, w); emb: ((b f), embed_dim)
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        h = self.out_layers(h)
-        h = self.skip_connection(x) + h
+        emb_out = self.emb_layers(emb)  # ((b f), c_out)
+        in_norm, in_act, in_conv = self.in_layers
+        out_norm, out_act, _, out_conv = self.out_layers
+        h = in_act(in_norm(x))
+        if not self.fold_conv_bias:
+            h = in_conv(h)
+            # The norm adds the embedding itself: one pass over h instead of two.
+            h = out_act(out_norm(h, add=emb_out))
+            h = self.skip_connection(x) + out_conv(h)
+            return self.temopral_conv(h, num_frames)
+        # The convolutions' biases join the adds that follow them (the norm's per-channel add,
+        # the residual sum) instead of a pass of their own over the activations.
+        h = conv_without_bias(in_conv, h)
+        h = out_act(out_norm(h, add=emb_out + in_conv.bias.to(emb_out.dtype)))
+        h = add_with_channel_bias(self.skip_connection(x), conv_without_bias(out_conv, h), out_conv.bias)
         return self.temopral_conv(h, num_frames)
 
 

@@ -1,10 +1,13 @@
 """Inference settings that change how the network runs, never what it computes.
 
 `optimize_for_inference` rewires a loaded `VEnhancerUNet` in place:
-- SiLU folded into the GroupNorm before it, and on CUDA a compiled GroupNorm+SiLU kernel;
+- SiLU folded into the GroupNorm before it, the ResBlocks' time-embedding add folded into the
+  GroupNorm after it, and on CUDA Triton kernels for GroupNorm(+SiLU) and the GEGLU gate
+  (`venhancer.models.kernels`);
 - channels-last weights, so convolutions run in cuDNN's native NHWC layout and the per-frame
   activations keep one layout through convs, norms, the spatial transformers (whose token view
-  becomes free) and the temporal convs (a channels-last-3d view of the same memory);
+  becomes free), the temporal convs (a channels-last-3d view of the same memory) and the
+  temporal transformers (frame-major tokens, attention gathering each pixel's frames by stride);
 - the SDPA kernel picked per sequence length;
 - the transformers' feed-forward over bounded token chunks, and the spatial transformers over
   a few frames at a time (lower peak memory, same result).
@@ -18,14 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import SpatialTransformer, TransformerBlock, set_tuned_sdpa
-from .layers import GroupNorm32
+from .attention import GEGLU, LayerNorm, SpatialTransformer, TemporalTransformer, TransformerBlock, set_tuned_sdpa
+from .layers import GroupNorm32, ResBlock, TemporalConvBlock
 
 
 @dataclass(frozen=True)
 class InferenceOptions:
     channels_last: bool = True
-    fused_norm: bool = True
+    fused_kernels: bool = True
     tuned_attention: bool = True
     # Tokens per feed-forward chunk; at level 0 of a 31-frame 162x240 window one chunk of
     # 2**18 tokens has a 2.7 GB GEGLU intermediate in fp16 instead of 12 GB unchunked.
@@ -49,8 +52,12 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
                 if isinstance(module[i], GroupNorm32) and isinstance(module[i + 1], nn.SiLU):
                     module[i].apply_silu = True
                     module[i + 1] = nn.Identity()
-        if isinstance(module, GroupNorm32):
-            module.fused = options.fused_norm
+        if isinstance(module, (GroupNorm32, GEGLU, LayerNorm)):
+            module.fused = options.fused_kernels
+        if isinstance(module, (ResBlock, TemporalConvBlock)):
+            module.fold_conv_bias = options.fused_kernels
+        if isinstance(module, TemporalTransformer):
+            module.frame_major = options.channels_last
         if isinstance(module, TransformerBlock):
             module.ff_chunk_tokens = options.ff_chunk_tokens
         if isinstance(module, SpatialTransformer):

@@ -1,0 +1,121 @@
+"""Triton kernels checked on the CPU by Triton's interpreter; run by test_optimize.py in a
+subprocess with TRITON_INTERPRET=1 (the file name keeps pytest from collecting it directly)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unet_helpers import call_args, max_abs, rel_l2
+from venhancer.models import kernels
+from venhancer.models.attention import GEGLU, TransformerBlock
+from venhancer.models.layers import GroupNorm32, _group_norm_act
+from venhancer.models.optimize import InferenceOptions, optimize_for_inference
+
+pytestmark = pytest.mark.skipif(not kernels._INTERPRET or kernels.triton is None, reason="needs TRITON_INTERPRET=1 and triton")
+
+
+def _layouts(channels: int) -> list[torch.Tensor]:
+    frames = torch.randn(6, channels, 5, 8).contiguous(memory_format=torch.channels_last)
+    return [
+        frames,  # per-frame channels-last
+        torch.randn(1, channels, 6, 5, 8).contiguous(memory_format=torch.channels_last_3d),  # temporal conv
+        frames.reshape(1, 6, channels, 5, 8).transpose(1, 2),  # temporal transformer's view
+        torch.randn(12, channels, 37, 3).contiguous(memory_format=torch.channels_last).reshape(2, 6, channels, 37, 3).transpose(1, 2),
+        torch.randn(3, channels, 700, 1).contiguous(memory_format=torch.channels_last),  # several tiles per program
+    ]
+
+
+@pytest.mark.parametrize("channels", [64, 320])
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_matches_float64(channels, silu):
+    gen = torch.Generator().manual_seed(channels)
+    weight, bias = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    for x in _layouts(channels):
+        assert kernels.group_norm_supported(x, 32)
+        add = torch.randn(x.shape[0], channels)
+        got = kernels.group_norm(x, weight, bias, 1e-6, silu, add=add)
+        assert got.stride() == x.stride() and got.dtype == x.dtype
+        shifted = (x + add.reshape(*add.shape, *[1] * (x.ndim - 2))).double()
+        want = F.group_norm(shifted, 32, weight.double(), bias.double(), 1e-6)
+        want = F.silu(want) if silu else want
+        assert (got.double() - want).abs().max() < 2e-5
+
+
+def test_group_norm_statistics_survive_a_large_mean():
+    # mean 1000, std 1: sum-of-squares statistics in float32 would lose every digit of the variance
+    x = (torch.randn(4, 64, 30, 20) + 1000).contiguous(memory_format=torch.channels_last)
+    w, b = torch.ones(64), torch.zeros(64)
+    got = kernels.group_norm(x, w, b, 1e-6, False)
+    want = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-6)
+    assert (got.double() - want).abs().max() < 1e-3
+
+
+def test_group_norm_half_precision():
+    x = torch.randn(6, 64, 5, 8).contiguous(memory_format=torch.channels_last).half()
+    w, b = torch.randn(64), torch.randn(64)
+    got = kernels.group_norm(x, w, b, 1e-5, True)
+    want = _group_norm_act(x, w, b, 32, 1e-5, True)
+    assert got.dtype == torch.float16 and (got.float() - want.float()).abs().max() < 4e-3
+
+
+def test_unsupported_layouts_are_declined():
+    assert not kernels.group_norm_supported(torch.randn(2, 64, 3, 4), 32)  # channels-first
+    assert not kernels.group_norm_supported(torch.randn(2, 64, 3, 4).contiguous(memory_format=torch.channels_last), 16)
+
+
+def test_geglu_matches_eager():
+    proj = torch.randn(3, 7, 2 * 40)
+    value, gate = proj.chunk(2, dim=-1)
+    assert (kernels.geglu(proj) - value * F.gelu(gate)).abs().max() < 1e-6
+
+
+def test_layer_norm_matches_float64():
+    x = torch.randn(2, 37, 80) * 3 + 5
+    w, b = torch.randn(80), torch.randn(80)
+    want = F.layer_norm(x.double(), (80,), w.double(), b.double(), 1e-5)
+    assert kernels.layer_norm_supported(x) and not kernels.layer_norm_supported(x.transpose(0, 1))
+    assert (kernels.layer_norm(x, w, b, 1e-5).double() - want).abs().max() < 1e-5
+
+
+def test_add_with_bias_keeps_layout():
+    a = torch.randn(2, 64, 3, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    b = torch.randn(2, 64, 3, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    bias = torch.randn(64)
+    assert kernels.add_supported(a, b) and not kernels.add_supported(a, b.contiguous())
+    got = kernels.add_with_bias(a, b, bias)
+    assert got.stride() == a.stride()
+    assert (got - (a + b + bias[:, None, None, None])).abs().max() < 1e-6
+
+
+def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_case, monkeypatch):
+    calls = {"group_norm": 0, "geglu": 0, "layer_norm": 0, "add_with_bias": 0}
+    for name in calls:
+        original = getattr(kernels, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+    supported = []
+    forward = GroupNorm32.forward
+
+    def norm_forward(self, x, add=None):
+        supported.append(kernels.group_norm_supported(x, self.num_groups))
+        return forward(self, x, add)
+
+    monkeypatch.setattr(GroupNorm32, "forward", norm_forward)
+    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=37, spatial_frame_chunk=2))
+    with torch.no_grad():
+        out = model(*call_args(tiny_case))
+    # Every GroupNorm input of a layout the kernel takes went through it (on the CPU the
+    # temporal Conv3d returns channels-first 5-D tensors, which fall back to eager), and so did
+    # every GEGLU.
+    assert calls["group_norm"] == sum(supported) >= len(supported) / 2, (calls, len(supported))
+    assert calls["geglu"] >= sum(isinstance(m, GEGLU) for m in model.modules()), calls
+    blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
+    assert calls["layer_norm"] >= 3 * blocks and calls["add_with_bias"] > 0, calls
+    assert rel_l2(out, tiny_case["out"]) <= 1e-4
+    assert max_abs(out, tiny_case["out"]) <= 2e-5
