@@ -447,6 +447,7 @@ class Enhancer:
             x_T = start_latent(z, generator=generator)
             # Wall-clock time at which denoising starts: the start-up benchmark reads it.
             self.denoise_start_unix_time = time.time()
+            logger.info("denoising: %d solver steps x %d windows", plan.denoise_steps, len(plan.windows))
             with self._bar(plan.denoise_steps, "denoise") as bar:
                 x0 = sample(self.unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
                             guide_scale=options.cfg, guide_rescale=GUIDE_RESCALE, windows=plan.windows,

@@ -107,7 +107,7 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
         return forward(self, x, add)
 
     monkeypatch.setattr(GroupNorm32, "forward", norm_forward)
-    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=37, spatial_frame_chunk=2))
+    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=37, spatial_frame_chunk=2, temporal_chunk_tokens=23))
     with torch.no_grad():
         out = model(*call_args(tiny_case))
     # Every GroupNorm input of a layout the kernel takes went through it (on the CPU the

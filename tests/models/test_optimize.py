@@ -19,9 +19,9 @@ REL_L2 = 1e-4
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("chunk, frames", [(None, None), (37, 2), (None, 1)])
-def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, frames):
-    options = InferenceOptions(ff_chunk_tokens=chunk, spatial_frame_chunk=frames)
+@pytest.mark.parametrize("chunk, frames, temporal", [(None, None, None), (37, 2, 13), (None, 1, 2**19)])
+def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, frames, temporal):
+    options = InferenceOptions(ff_chunk_tokens=chunk, spatial_frame_chunk=frames, temporal_chunk_tokens=temporal)
     model = optimize_for_inference(copy.deepcopy(tiny_model), options)
     with torch.no_grad():
         out = model(*call_args(tiny_case))
@@ -58,6 +58,8 @@ def test_invalid_chunk_rejected():
         InferenceOptions(ff_chunk_tokens=0)
     with pytest.raises(ValueError, match="spatial_frame_chunk .*-1"):
         InferenceOptions(spatial_frame_chunk=-1)
+    with pytest.raises(ValueError, match="temporal_chunk_tokens"):
+        InferenceOptions(temporal_chunk_tokens=0)
 
 
 def test_window_uses_global_key_indices(tiny_model, tiny_case):
@@ -86,7 +88,7 @@ def test_kernels_run_the_tiny_model_under_the_interpreter():
 
 def test_frame_major_temporal_path_matches_reference(tiny_model, tiny_case):
     """Channels-last without the Triton kernels: frame-major temporal attention by strides."""
-    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(fused_kernels=False))
+    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(fused_kernels=False, temporal_chunk_tokens=17))
     temporal = [m for m in model.modules() if isinstance(m, TemporalTransformer)]
     assert temporal and all(m.frame_major for m in temporal)
     with torch.no_grad():

@@ -360,6 +360,7 @@ class TemporalTransformer(nn.Module):
         # Set by optimize: keep channels-last frames in their memory order (frame-major tokens)
         # instead of transposing to one sequence per pixel and back (two full copies).
         self.frame_major = False
+        self.chunk_tokens: int | None = None
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: ((b f), c, h, w) -> same shape."""
@@ -367,14 +368,8 @@ class TemporalTransformer(nn.Module):
         b, f = bf // num_frames, num_frames
         # ((b f), c, h, w) -> (b, c, f, h, w) view: GroupNorm statistics span all frames of a clip
         normed = self.norm(x.reshape(b, f, c, h, w).transpose(1, 2))
-        if self.frame_major and normed.permute(0, 2, 3, 4, 1).is_contiguous():
-            # memory (b, f, h, w, c) -> (b, f*h*w, c) tokens, a view
-            tokens = normed.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
-            tokens = self.proj_in(tokens)
-            tokens = self.transformer_blocks[0](tokens, frames=f)
-            tokens = self.proj_out(tokens)
-            # (b, f*h*w, c) -> ((b f), c, h, w) channels-last view: the same layout as x
-            return x + tokens.view(bf, h, w, c).permute(0, 3, 1, 2)
+        if self.frame_major and normed.permute(0, 2, 3, 4, 1).is_contiguous() and x.permute(0, 2, 3, 1).is_contiguous():
+            return self._frame_major(x, normed, num_frames)
         # (b, c, f, h, w) -> ((b h w), f, c): one sequence of f frames per pixel
         tokens = normed.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)
         tokens = self.proj_in(tokens)
@@ -383,3 +378,30 @@ class TemporalTransformer(nn.Module):
         # ((b h w), f, c) -> (b, f, c, h, w) view; the add writes the per-frame layout
         residual = tokens.reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2)
         return (x.reshape(b, f, c, h, w) + residual).reshape(bf, c, h, w)
+
+    def _frame_major(self, x: torch.Tensor, normed: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """forward for channels-last frames, in their memory order: tokens stay frame-major (the
+        attention reads each pixel's frames by stride) and run in pixel ranges of at most
+        `chunk_tokens` tokens (all frames of each pixel together), which bounds the ~7 full-size
+        transients of the block (q, k, v, ...) at the same result."""
+        bf, c, h, w = x.shape
+        b, f = bf // num_frames, num_frames
+        pixels = h * w
+        step = pixels if self.chunk_tokens is None else max(1, min(pixels, self.chunk_tokens // f))
+        # memory (b, f, h, w, c) -> (b, f, h*w, c) views of the input, the normed input and the output
+        x_tokens = x.permute(0, 2, 3, 1).view(b, f, pixels, c)
+        normed_tokens = normed.permute(0, 2, 3, 4, 1).reshape(b, f, pixels, c)
+        out = torch.empty_like(x)
+        out_tokens = out.permute(0, 2, 3, 1).view(b, f, pixels, c)
+        for item in range(b):
+            for start in range(0, pixels, step):
+                cols = slice(start, min(start + step, pixels))
+                count = cols.stop - cols.start
+                # (f, count, c) strided view -> (1, f*count, c) frame-major tokens (the Linear
+                # gathers them into one matrix)
+                tokens = self.proj_in(normed_tokens[item, :, cols].reshape(1, f * count, c))
+                tokens = self.transformer_blocks[0](tokens, frames=f)
+                tokens = self.proj_out(tokens)
+                out_tokens[item, :, cols] = x_tokens[item, :, cols] + tokens.view(f, count, c)
+        return out
+

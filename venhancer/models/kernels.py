@@ -41,11 +41,10 @@ def runs_on(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _column_pilot(x_ptr, n, rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # Per-channel mean of item n's first BLOCK_R rows: the shift that keeps the float32 sums
-        # of squares below well conditioned (it is close to the channel's mean).
+    def _column_pilot(x_ptr, n, rows, channels, col, BLOCK_R: tl.constexpr):
+        # Mean of channels `col` over item n's first BLOCK_R rows: the shift that keeps the
+        # float32 sums of squares below well conditioned (it is close to each channel's mean).
         row = tl.arange(0, BLOCK_R)
-        col = tl.arange(0, BLOCK_C)
         ok = (row < rows)[:, None] & (col < channels)[None, :]
         x = tl.load(x_ptr + n * rows * channels + row[:, None] * channels + col[None, :], mask=ok, other=0.0)
         return tl.sum(x.to(tl.float32), axis=0) / tl.minimum(rows, BLOCK_R)
@@ -60,7 +59,7 @@ if triton is not None:
         n = tl.program_id(1).to(tl.int64)
         col = tl.arange(0, BLOCK_C)
         col_ok = col < channels
-        pilot = _column_pilot(x_ptr, n, rows, channels, BLOCK_R, BLOCK_C)
+        pilot = _column_pilot(x_ptr, n, rows, channels, col, BLOCK_R)
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         acc_sq = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for i in range(tiles_per_program):
@@ -76,33 +75,45 @@ if triton is not None:
         tl.store(out + BLOCK_C, tl.sum(acc_sq, axis=0))
 
     @triton.jit
-    def _gn_combine_kernel(x_ptr, add_ptr, part_ptr, stats_ptr, rows, channels, group_size, num_partials, eps,
-                           HAS_ADD: tl.constexpr, GROUPS: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        # One program per item: sums the programs' partials (all taken about the same pilot),
-        # then per channel mean and squared deviations, then per group (Chan's formula over the
-        # channels, which all hold `rows` elements). The optional per-channel add shifts the
-        # means only.
-        n = tl.program_id(0).to(tl.int64)
-        col = tl.arange(0, BLOCK_C)
+    def _gn_channel_kernel(x_ptr, add_ptr, part_ptr, chan_ptr, rows, channels, num_partials,
+                           HAS_ADD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                           CHUNK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        # Program (chunk, n): CHUNK_C channels of item n. Sums the partials (all taken about the
+        # same pilot), giving each channel's mean and sum of squared deviations. The optional
+        # per-channel add shifts the means only.
+        n = tl.program_id(1).to(tl.int64)
+        col = tl.program_id(0) * CHUNK_C + tl.arange(0, CHUNK_C)
         col_ok = col < channels
-        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        total_sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        total = tl.zeros((CHUNK_C,), dtype=tl.float32)
+        total_sq = tl.zeros((CHUNK_C,), dtype=tl.float32)
         for start in range(0, num_partials, BLOCK_P):
             p = start + tl.arange(0, BLOCK_P)
-            ok = (p < num_partials)[:, None]
+            ok = (p < num_partials)[:, None] & col_ok[None, :]
             base = part_ptr + (n * num_partials + p[:, None]) * (2 * BLOCK_C) + col[None, :]
             total += tl.sum(tl.load(base, mask=ok, other=0.0), axis=0)
             total_sq += tl.sum(tl.load(base + BLOCK_C, mask=ok, other=0.0), axis=0)
-        count = rows.to(tl.float32)
-        offset = total / count
-        mean_c = _column_pilot(x_ptr, n, rows, channels, BLOCK_R, BLOCK_C) + offset
+        offset = total / rows
+        mean = _column_pilot(x_ptr, n, rows, channels, col, BLOCK_R) + offset
         if HAS_ADD:
-            mean_c += tl.load(add_ptr + n * channels + col, mask=col_ok, other=0.0).to(tl.float32)
-        m2_c = tl.maximum(total_sq - total * offset, 0.0)
+            mean += tl.load(add_ptr + n * channels + col, mask=col_ok, other=0.0).to(tl.float32)
+        m2 = tl.maximum(total_sq - total * offset, 0.0)
+        tl.store(chan_ptr + n * (2 * BLOCK_C) + col, mean, mask=col_ok)
+        tl.store(chan_ptr + n * (2 * BLOCK_C) + BLOCK_C + col, m2, mask=col_ok)
+
+    @triton.jit
+    def _gn_group_kernel(chan_ptr, stats_ptr, rows, channels, group_size, eps,
+                         GROUPS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # One program per item: group mean and 1/std from the channels' (Chan's formula; every
+        # channel holds `rows` elements).
+        n = tl.program_id(0).to(tl.int64)
+        col = tl.arange(0, BLOCK_C)
+        col_ok = col < channels
+        mean_c = tl.load(chan_ptr + n * (2 * BLOCK_C) + col, mask=col_ok, other=0.0)
+        m2_c = tl.load(chan_ptr + n * (2 * BLOCK_C) + BLOCK_C + col, mask=col_ok, other=0.0)
         member = ((col // group_size)[None, :] == tl.arange(0, GROUPS)[:, None]) & col_ok[None, :]  # (G, C)
         mean = tl.sum(tl.where(member, mean_c[None, :], 0.0), axis=1) / group_size  # (G,)
         delta = mean_c[None, :] - mean[:, None]
+        count = rows.to(tl.float32)
         m2 = tl.sum(tl.where(member, m2_c[None, :] + count * delta * delta, 0.0), axis=1)
         rstd = 1.0 / tl.sqrt(m2 / (count * group_size) + eps)
         g = tl.arange(0, GROUPS)
@@ -219,9 +230,13 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     stats = torch.empty((items, 2 * GROUPS), device=x.device, dtype=torch.float32)
     _gn_partial_kernel[(programs, items)](x, partials, rows, channels, tiles_per_program,
                                           BLOCK_R=stat_rows, BLOCK_C=block_c, num_warps=8)
-    _gn_combine_kernel[(items,)](x, add if has_add else x, partials, stats, rows, channels, channels // GROUPS,
-                                 programs, eps, HAS_ADD=has_add, GROUPS=GROUPS, BLOCK_R=stat_rows,
-                                 BLOCK_C=block_c, BLOCK_P=max(1, 4096 // block_c), num_warps=8)
+    channel_stats = torch.empty((items, 2, block_c), device=x.device, dtype=torch.float32)
+    chunk_c = min(block_c, 32)
+    _gn_channel_kernel[(triton.cdiv(channels, chunk_c), items)](
+        x, add if has_add else x, partials, channel_stats, rows, channels, programs, HAS_ADD=has_add,
+        BLOCK_R=stat_rows, BLOCK_C=block_c, CHUNK_C=chunk_c, BLOCK_P=64)
+    _gn_group_kernel[(items,)](channel_stats, stats, rows, channels, channels // GROUPS, eps,
+                               GROUPS=GROUPS, BLOCK_C=block_c, num_warps=8)
     # Normalisation: one pass, one 8K-element tile per program.
     apply_rows = max(1, min(triton.next_power_of_2(rows), 8192 // block_c))
     y = torch.empty_like(x)

@@ -36,9 +36,12 @@ class InferenceOptions:
     # Frames per spatial-transformer pass: bounds its q/k/v and MLP transients (~1 GB per
     # 320-channel tensor at 31 frames of 162x240) at no measurable cost.
     spatial_frame_chunk: int | None = 8
+    # Tokens (frames x pixels) per temporal-transformer pass in the channels-last layout: at
+    # level 0 of a 40-frame window (1.6M tokens) its ~7 full-size transients held ~7 GB at once.
+    temporal_chunk_tokens: int | None = 2**19
 
     def __post_init__(self):
-        for name in ("ff_chunk_tokens", "spatial_frame_chunk"):
+        for name in ("ff_chunk_tokens", "spatial_frame_chunk", "temporal_chunk_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -58,6 +61,7 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
             module.fold_conv_bias = options.fused_kernels
         if isinstance(module, TemporalTransformer):
             module.frame_major = options.channels_last
+            module.chunk_tokens = options.temporal_chunk_tokens
         if isinstance(module, TransformerBlock):
             module.ff_chunk_tokens = options.ff_chunk_tokens
         if isinstance(module, SpatialTransformer):
