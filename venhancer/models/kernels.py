@@ -145,15 +145,20 @@ if triton is not None:
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _row_block(rows, width, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # This program's BLOCK_R rows of a row-major (rows, width) matrix: offsets, mask, columns.
+        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        col = tl.arange(0, BLOCK_C)
+        ok = (row < rows)[:, None] & (col < width)[None, :]
+        return row[:, None] * width + col[None, :], ok, col
+
+    @triton.jit
     def _layer_norm_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, rows, dim, eps,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         # BLOCK_R rows per program, each normalised over its `dim` features in float32 (exact
         # two-pass mean and variance: the row is in registers).
-        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        col = tl.arange(0, BLOCK_D)
+        offsets, ok, col = _row_block(rows, dim, BLOCK_R, BLOCK_D)
         col_ok = col < dim
-        ok = (row < rows)[:, None] & col_ok[None, :]
-        offsets = row[:, None] * dim + col[None, :]
         x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / dim
         dev = tl.where(ok, x - mean[:, None], 0.0)
@@ -165,11 +170,8 @@ if triton is not None:
 
     @triton.jit
     def _add_bias_kernel(a_ptr, b_ptr, bias_ptr, y_ptr, rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        col = tl.arange(0, BLOCK_C)
+        offsets, ok, col = _row_block(rows, channels, BLOCK_R, BLOCK_C)
         col_ok = col < channels
-        ok = (row < rows)[:, None] & col_ok[None, :]
-        offsets = row[:, None] * channels + col[None, :]
         a = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
