@@ -227,3 +227,27 @@ def test_load_vae_from_local_folder(tiny_vae, tmp_path, variant):
 def test_load_vae_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_vae(tmp_path / "nowhere")
+
+
+def test_optimize_vae_keeps_weights_and_outputs(tiny_vae):
+    """Channels-last weights and the kernel GroupNorm (eager on the CPU): same parameters, same
+    encode and decode results."""
+    import copy
+
+    from venhancer.models.layers import GroupNorm32
+    from venhancer.vae import optimize_vae
+
+    fast = optimize_vae(copy.deepcopy(tiny_vae))
+    before, after = tiny_vae.state_dict(), fast.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(type(m) is torch.nn.GroupNorm for m in fast.modules())
+    assert any(isinstance(m, GroupNorm32) and m.fused for m in fast.modules())
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    z = torch.randn(5, 4, 6, 10)
+    frames = torch.rand(2, 3, 48, 80) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(fast.decode(z, num_frames=5).sample, tiny_vae.decode(z, num_frames=5).sample,
+                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.encode(frames).latent_dist.mean, tiny_vae.encode(frames).latent_dist.mean,
+                                   atol=2e-5, rtol=1e-5)

@@ -18,7 +18,9 @@ from diffusers import AutoencoderKLTemporalDecoder
 from diffusers.utils.torch_utils import randn_tensor
 
 from venhancer.diffusion.chunking import blend_time
+from venhancer.models.config import GROUP_NORM_GROUPS
 from venhancer.models.layers import GroupNorm32
+from venhancer.models.optimize import set_conv_weight_layout
 from venhancer.planning import (
     VAE_FRAME_OVERLAP,
     VAE_FRAME_WINDOW,
@@ -66,15 +68,12 @@ def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDeco
     names are untouched."""
     for module in list(vae.modules()):
         for name, child in module.named_children():
-            if type(child) is torch.nn.GroupNorm and child.affine and child.num_groups == GroupNorm32.GROUPS:
+            if type(child) is torch.nn.GroupNorm and child.affine and child.num_groups == GROUP_NORM_GROUPS:
                 fused = GroupNorm32(child.num_channels, eps=child.eps).to(child.weight)
                 fused.load_state_dict(child.state_dict())
                 fused.fused = True
                 setattr(module, name, fused)
-        if isinstance(module, torch.nn.Conv2d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-        if isinstance(module, torch.nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    set_conv_weight_layout(vae, channels_last=True)
     return vae
 
 

@@ -38,8 +38,6 @@ class GroupNorm32(nn.GroupNorm):
     (`venhancer.models.kernels`) where the input's layout allows.
     """
 
-    GROUPS = GROUP_NORM_GROUPS
-
     def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__(GROUP_NORM_GROUPS, num_channels, eps=eps, affine=True)
         self.apply_silu = False

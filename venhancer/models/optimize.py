@@ -1,9 +1,9 @@
 """Inference settings that change how the network runs, never what it computes.
 
 `optimize_for_inference` rewires a loaded `VEnhancerUNet` in place:
-- SiLU folded into the GroupNorm before it, the ResBlocks' time-embedding add folded into the
-  GroupNorm after it, and on CUDA Triton kernels for GroupNorm(+SiLU) and the GEGLU gate
-  (`venhancer.models.kernels`);
+- SiLU folded into the GroupNorm before it, the ResBlocks' time-embedding add and the conv
+  biases folded into the GroupNorm or residual add after them, and on CUDA Triton kernels for
+  GroupNorm(+SiLU), LayerNorm, the GEGLU gate and bias+residual adds (`venhancer.models.kernels`);
 - channels-last weights, so convolutions run in cuDNN's native NHWC layout and the per-frame
   activations keep one layout through convs, norms, the spatial transformers (whose token view
   becomes free), the temporal convs (a channels-last-3d view of the same memory) and the
@@ -66,11 +66,18 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
             module.ff_chunk_tokens = options.ff_chunk_tokens
         if isinstance(module, SpatialTransformer):
             module.frame_chunk = options.spatial_frame_chunk
-        if isinstance(module, nn.Conv2d):
-            layout = torch.channels_last if options.channels_last else torch.contiguous_format
-            module.weight.data = module.weight.data.contiguous(memory_format=layout)
-        if isinstance(module, nn.Conv3d):
-            layout = torch.channels_last_3d if options.channels_last else torch.contiguous_format
-            module.weight.data = module.weight.data.contiguous(memory_format=layout)
+    set_conv_weight_layout(model, options.channels_last)
     set_tuned_sdpa(options.tuned_attention)
     return model
+
+
+def set_conv_weight_layout(model: nn.Module, channels_last: bool) -> None:
+    """Channels-last (-3d) or contiguous weights for every Conv2d / Conv3d in `model`: cuDNN's
+    output follows the weights' layout, so this sets the activations' layout too."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            module.weight.data = module.weight.data.contiguous(memory_format=layout)
+        if isinstance(module, nn.Conv3d):
+            layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+            module.weight.data = module.weight.data.contiguous(memory_format=layout)
