@@ -287,5 +287,8 @@ def test_help_lists_every_reference_flag():
     expected = {"save_dir": "results", "version": "v1", "model_path": "", "prompt": "a good video",
                 "prompt_path": "", "filename_as_prompt": False, "cfg": 7.5, "solver_mode": "fast", "steps": 15,
                 "noise_aug": 200, "target_fps": 24, "up_scale": 4, "s_cond": 8, "seed": 666, "device": "auto",
-                "overwrite": False, "dry_run": False}
+                "overwrite": False, "dry_run": False, "low_vram": None}
     assert {k: args[k] for k in expected} == expected
+    parse = cli.build_parser().parse_args
+    assert parse(["--input_path", "x", "--low_vram"]).low_vram is True
+    assert parse(["--input_path", "x", "--no-low_vram"]).low_vram is False

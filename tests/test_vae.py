@@ -229,25 +229,63 @@ def test_load_vae_missing_folder(tmp_path):
         load_vae(tmp_path / "nowhere")
 
 
-def test_optimize_vae_keeps_weights_and_outputs(tiny_vae):
-    """Channels-last weights and the kernel GroupNorm (eager on the CPU): same parameters, same
-    encode and decode results."""
+@pytest.fixture(scope="module")
+def tiny_vae_widening():
+    """Channel counts change between blocks, so the resnets have 1x1 shortcut convolutions."""
+    torch.manual_seed(1)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        layers_per_block=1,
+    )
+    # Non-zero mixing so both the spatial and the temporal path matter.
+    for name, p in vae.named_parameters():
+        if name.endswith("mix_factor"):
+            p.data.fill_(0.3)
+    return vae.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("which", ["tiny_vae", "tiny_vae_widening"])
+def test_optimize_vae_keeps_weights_and_outputs(which, request):
+    """Channels-last weights, the kernel GroupNorm (eager on the CPU) and the folded resnet
+    blocks: same parameters, same encode and decode results."""
     import copy
+
+    from diffusers.models.resnet import ResnetBlock2D, SpatioTemporalResBlock, TemporalResnetBlock
 
     from venhancer.models.layers import GroupNorm32
     from venhancer.vae import optimize_vae
 
-    fast = optimize_vae(copy.deepcopy(tiny_vae))
-    before, after = tiny_vae.state_dict(), fast.state_dict()
+    vae = request.getfixturevalue(which)
+    fast = optimize_vae(copy.deepcopy(vae))
+    before, after = vae.state_dict(), fast.state_dict()
     assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(type(m) is torch.nn.GroupNorm for m in fast.modules())
     assert any(isinstance(m, GroupNorm32) and m.fused for m in fast.modules())
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    # Every resnet block of the encoder and decoder runs the folded forward.
+    blocks = [m for m in fast.modules() if isinstance(m, (ResnetBlock2D, TemporalResnetBlock, SpatioTemporalResBlock))]
+    assert blocks and all(type(m).__name__.startswith("_Fused") for m in blocks)
+    assert any(m.conv_shortcut is not None for m in blocks if isinstance(m, ResnetBlock2D)) == (which == "tiny_vae_widening")
     z = torch.randn(5, 4, 6, 10)
     frames = torch.rand(2, 3, 48, 80) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(fast.decode(z, num_frames=5).sample, tiny_vae.decode(z, num_frames=5).sample,
+        torch.testing.assert_close(fast.decode(z, num_frames=5).sample, vae.decode(z, num_frames=5).sample,
                                    atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(fast.encode(frames).latent_dist.mean, tiny_vae.encode(frames).latent_dist.mean,
+        torch.testing.assert_close(fast.encode(frames).latent_dist.mean, vae.encode(frames).latent_dist.mean,
                                    atol=2e-5, rtol=1e-5)
+
+
+def test_optimize_vae_leaves_blocks_it_cannot_fold():
+    """A resnet block with a time embedding keeps diffusers' own forward."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from venhancer.vae import optimize_vae
+
+    block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=16).eval()
+    holder = torch.nn.Sequential(block)
+    optimize_vae(holder)
+    assert type(holder[0]) is ResnetBlock2D and isinstance(holder[0].nonlinearity, torch.nn.SiLU)
+
+

@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from venhancer import __version__
 from venhancer.config import EnhancerConfig, PlanningConfig, load_config
 from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
 from venhancer.distributed import PeerOutOfMemory, solo
-from venhancer.models.optimize import optimize_for_inference
+from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
 from venhancer.planning import (
     chunk_windows,
@@ -58,6 +59,9 @@ MAX_UP_SCALE = 8.0
 LATENT_FACTOR = 8
 # Frames resized and padded at once before encoding: bounds the full-resolution float tensors.
 _FRAME_BATCH = 8
+# Automatic low-VRAM mode below this much free GPU memory at start: the default settings peak
+# at ~19 GB reserved on the seed clip (README, Performance).
+LOW_VRAM_BELOW_GB = 21.0
 
 
 class EnhanceError(RuntimeError):
@@ -256,6 +260,8 @@ class Enhancer:
     version: "v1" (venhancer_paper.pt) or "v2" (venhancer_v2.pt); model_path overrides the checkpoint.
     device: "auto"/None, "cpu", "cuda", "cuda:N". dtype: None (auto), a torch dtype or its name.
     progress: show tqdm bars (on a terminal) for encoding, denoising and decoding.
+    low_vram: True for small network passes (`InferenceOptions.low_vram`) and the VAE kept in CPU
+    memory while denoising; None decides by the GPU's free memory (`LOW_VRAM_BELOW_GB`).
 
     `sharding` (None: this process alone) may be set to a `venhancer.distributed.WindowSharding`:
     every process then enhances the same videos in lockstep, sharing out the network evaluations of
@@ -264,7 +270,7 @@ class Enhancer:
 
     def __init__(self, config: EnhancerConfig | str | os.PathLike | None = None, version: str = "v1",
                  model_path: str | os.PathLike | None = None, device: str | None = None,
-                 dtype: str | torch.dtype | None = None, progress: bool = True):
+                 dtype: str | torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.config = config if isinstance(config, EnhancerConfig) else load_config(config)
@@ -272,6 +278,7 @@ class Enhancer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress = progress
+        self.low_vram = self._choose_low_vram(low_vram)
         self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
         self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
         # Resolve (and download if needed) every file before loading any: a missing one fails fast.
@@ -284,7 +291,7 @@ class Enhancer:
         logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
         self.unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
         # Same function, faster kernels and a smaller footprint (venhancer.models.optimize).
-        optimize_for_inference(self.unet)
+        optimize_for_inference(self.unet, InferenceOptions.low_vram() if self.low_vram else None)
         self.load_timings["load_network"] = time.perf_counter() - start
         start = time.perf_counter()
         logger.info("loading text encoder %s", text_path)
@@ -300,6 +307,18 @@ class Enhancer:
         if self.device.type == "cuda":
             optimize_vae(self.vae)
         self.load_timings["load_vae"] = time.perf_counter() - start
+
+    def _choose_low_vram(self, requested: bool | None) -> bool:
+        if requested is not None:
+            return bool(requested)
+        if self.device.type != "cuda":
+            return False
+        free, total = torch.cuda.mem_get_info(self.device)
+        if free / 1e9 < LOW_VRAM_BELOW_GB:
+            logger.info("%.1f GB of %.1f GB GPU memory free: low-VRAM mode on (--no-low_vram turns it off)",
+                        free / 1e9, total / 1e9)
+            return True
+        return False
 
     @property
     def planning(self) -> PlanningConfig:
@@ -359,7 +378,7 @@ class Enhancer:
                     with self._phase("text", timings):
                         y_cond, y_uncond = self._encode_text(prompt, path)
                 phase = "denoising"
-                with self._phase("sample", timings):
+                with self._phase("sample", timings), self._vae_offloaded():
                     x0 = self._denoise(z_key, y_cond, y_uncond, plan, options, generator)
                 if not writes:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
@@ -371,15 +390,29 @@ class Enhancer:
                 torch.cuda.empty_cache()
             size = f" ({plan.width}x{plan.height}, {plan.out_frames} frames)" if plan is not None else ""
             where = f"on process {exc.rank}" if isinstance(exc, PeerOutOfMemory) else f"while {phase}"
+            hint = "use --low_vram, " if self.device.type == "cuda" and not self.low_vram else ""
             raise EnhanceError(
                 f"{path.name}: out of {self.device.type.upper()} memory {where}{size}: "
-                f"lower --up_scale (e.g. 2), lower --target_fps, or enhance a shorter clip") from exc
+                f"{hint}lower --up_scale (e.g. 2), lower --target_fps, or enhance a shorter clip") from exc
         timings["total"] = time.perf_counter() - start
         if self.device.type == "cuda":
             timings["peak_gpu_memory_reserved_GB"] = torch.cuda.max_memory_reserved(self.device) / 1e9
         _write_json_atomic(sidecar, self._sidecar(path, out_path, prompt, options, plan, timings))
         logger.info("%s: wrote %s in %.1f s", path.name, out_path, timings["total"])
         return EnhanceResult(path, out_path, sidecar, False, prompt, plan, timings)
+
+    @contextmanager
+    def _vae_offloaded(self) -> Iterator[None]:
+        """In low-VRAM mode the VAE waits in CPU memory while the network runs."""
+        if not (self.low_vram and self.device.type == "cuda"):
+            yield
+            return
+        self.vae.to("cpu")
+        torch.cuda.empty_cache()  # the encoder's full-resolution transients
+        try:
+            yield
+        finally:
+            self.vae.to(self.device)
 
     def _together(self):  # -> context manager yielding a venhancer.distributed.Agreement
         return solo() if self.sharding is None else self.sharding.together()
@@ -462,19 +495,29 @@ class Enhancer:
         return x0
 
     def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path) -> None:
-        """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264."""
+        """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264.
+
+        Frames are cropped and quantised on the device (a quarter of the bytes to copy back) and
+        handed to ffmpeg by a writer thread, so the GPU decodes the next window meanwhile."""
         left, _, top, _ = plan.padding
         planning = self.planning
         audio = plan.input.path if plan.input.has_audio else None
         with VideoWriter(out_path, plan.out_fps, plan.width, plan.height, audio_source=audio) as writer, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="venhancer-writer") as pool, \
                 self._bar(plan.out_frames, "decode") as bar:
+            pending: Future | None = None
             for chunk in decode_tiled(self.vae, x0, tile=planning.vae_tile, tile_overlap=planning.vae_tile_overlap,
                                       frame_window=planning.vae_frame_window,
-                                      frame_overlap=planning.vae_frame_overlap):
+                                      frame_overlap=planning.vae_frame_overlap, to_cpu=False):
                 chunk = chunk[:, :, top:top + plan.height, left:left + plan.width]
                 pixels = ((chunk.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)  # truncates
-                writer.append(pixels.permute(0, 2, 3, 1).numpy())
+                pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+                if pending is not None:
+                    pending.result()  # one chunk in flight: bounded memory, errors surface here
+                pending = pool.submit(writer.append, pixels)
                 bar.update(chunk.shape[0])
+            if pending is not None:
+                pending.result()
             if writer.num_frames != plan.out_frames:
                 raise RuntimeError(f"decoder produced {writer.num_frames} frames, expected {plan.out_frames}")
 
@@ -491,7 +534,8 @@ class Enhancer:
             "settings": asdict(options),
             "seed": options.seed,
             "model": {"version": self.version, "checkpoint": str(self.unet_path),
-                      "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")},
+                      "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                      "low_vram": self.low_vram},
             "plan": {"inserted_frames": plan.k, "padding_lrtb": list(plan.padding),
                      "latent_size": list(plan.latent_size), "windows": [list(w) for w in plan.windows],
                      "network_evals": plan.network_evals, "start_t": T_MAX},

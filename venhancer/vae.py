@@ -1,13 +1,13 @@
 """Stable Video Diffusion's temporal VAE: per-frame encoding and streaming tiled decoding (SPEC 1.7, 6).
 
-The model itself is diffusers' `AutoencoderKLTemporalDecoder`; this module only decides what is fed
-to it and how the pieces are put back together.
+The model itself is diffusers' `AutoencoderKLTemporalDecoder`; this module decides what is fed
+to it and how the pieces are put back together, and (`optimize_vae`) runs its blocks with fewer
+passes over the activations without changing what they compute.
 """
 
 from __future__ import annotations
 
 import importlib.util
-
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
+from diffusers.models.resnet import ResnetBlock2D, SpatioTemporalResBlock, TemporalResnetBlock
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 
 from venhancer.diffusion.chunking import blend_time
 from venhancer.models.config import GROUP_NORM_GROUPS
-from venhancer.models.layers import GroupNorm32
+from venhancer.models.layers import GroupNorm32, add_with_channel_bias, conv_without_bias
 from venhancer.models.optimize import set_conv_weight_layout
 from venhancer.planning import (
     VAE_FRAME_OVERLAP,
@@ -61,18 +63,98 @@ def load_vae(
     return vae.to(device).eval().requires_grad_(False)
 
 
+class _FusedResnetBlock2D(ResnetBlock2D):
+    """diffusers' ResnetBlock2D as the VAE uses it (no time embedding, no resampling, output
+    scale 1), with SiLU in its norms' pass, conv1's bias added by norm2 and conv2's bias by the
+    residual sum: the same sums in 3 fewer passes over the activations."""
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        if temb is not None or args or kwargs:
+            return super().forward(input_tensor, temb, *args, **kwargs)
+        h = self.norm1(input_tensor)  # GroupNorm + SiLU
+        h = conv_without_bias(self.conv1, h)
+        h = self.norm2(h, add=self.conv1.bias.expand(h.shape[0], -1))  # GroupNorm(h + bias) + SiLU
+        h = conv_without_bias(self.conv2, h)
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        return add_with_channel_bias(shortcut, h, self.conv2.bias)
+
+
+class _FusedTemporalResnetBlock(TemporalResnetBlock):
+    """TemporalResnetBlock (no time embedding) on (b, c, f, h, w) with the same folding."""
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if temb is not None:
+            return super().forward(input_tensor, temb)
+        h = self.norm1(input_tensor)
+        h = conv_without_bias(self.conv1, h)
+        h = self.norm2(h, add=self.conv1.bias.expand(h.shape[0], -1))
+        h = conv_without_bias(self.conv2, h)
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        return add_with_channel_bias(shortcut, h, self.conv2.bias)
+
+
+class _FusedSpatioTemporalResBlock(SpatioTemporalResBlock):
+    """SpatioTemporalResBlock whose spatial/temporal mix is one lerp (one pass, float math)
+    instead of alpha * x_spatial + (1 - alpha) * x_temporal in three."""
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
+                image_only_indicator: torch.Tensor | None = None) -> torch.Tensor:
+        if temb is not None:
+            return super().forward(hidden_states, temb, image_only_indicator)
+        num_frames = image_only_indicator.shape[-1]
+        spatial = self.spatial_res_block(hidden_states, None)
+        batch_frames, channels, height, width = spatial.shape
+        # ((b f), c, h, w) -> (b, c, f, h, w): a view when `spatial` is channels-last
+        video = spatial.reshape(batch_frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+        temporal = self.temporal_res_block(video, None)
+        alpha = self.time_mixer.get_alpha(image_only_indicator, video.ndim).to(video.dtype)
+        if self.time_mixer.switch_spatial_to_temporal_mix:
+            alpha = 1.0 - alpha
+        mixed = torch.lerp(temporal, video, alpha)  # alpha * video + (1 - alpha) * temporal
+        return mixed.permute(0, 2, 1, 3, 4).reshape(batch_frames, channels, height, width)
+
+
+def _foldable_resnet(block: nn.Module) -> bool:
+    """A diffusers resnet block whose forward the fused subclasses reproduce exactly."""
+    if type(block) is ResnetBlock2D:
+        if (block.upsample is not None or block.downsample is not None or block.output_scale_factor != 1
+                or block.time_embedding_norm != "default"):
+            return False
+    elif type(block) is not TemporalResnetBlock:
+        return False
+    return (block.time_emb_proj is None and isinstance(block.nonlinearity, nn.SiLU)
+            and isinstance(block.norm1, GroupNorm32) and isinstance(block.norm2, GroupNorm32)
+            and block.dropout.p == 0 and block.conv1.bias is not None and block.conv2.bias is not None)
+
+
 def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDecoder:
-    """Same function, faster kernels, in place: channels-last convolution weights (cuDNN's NHWC
-    kernels; activations follow the weights' layout) and the GroupNorms on the Triton kernel
-    (`venhancer.models.kernels`, float32 statistics) where the layout allows. Parameter values and
-    names are untouched."""
+    """Same function, fewer passes and faster kernels, in place. Parameter values and names are
+    untouched (the block subclasses only replace `forward`):
+    - channels-last convolution weights (cuDNN's NHWC kernels; activations follow the weights);
+    - diffusers' GroupNorms on the Triton kernel (`venhancer.models.kernels`, float32 statistics)
+      where the layout allows, with the SiLU after them in the same pass;
+    - in the resnet blocks, conv biases folded into the next norm / residual sum and the
+      spatial/temporal mix as one lerp (see the `_Fused*` classes).
+    """
     for module in list(vae.modules()):
         for name, child in module.named_children():
-            if type(child) is torch.nn.GroupNorm and child.affine and child.num_groups == GROUP_NORM_GROUPS:
+            if type(child) is nn.GroupNorm and child.affine and child.num_groups == GROUP_NORM_GROUPS:
                 fused = GroupNorm32(child.num_channels, eps=child.eps).to(child.weight)
                 fused.load_state_dict(child.state_dict())
                 fused.fused = True
                 setattr(module, name, fused)
+    for module in vae.modules():
+        if _foldable_resnet(module):
+            module.norm1.apply_silu = module.norm2.apply_silu = True
+            module.nonlinearity = nn.Identity()
+            module.__class__ = _FusedResnetBlock2D if type(module) is ResnetBlock2D else _FusedTemporalResnetBlock
+        elif type(module) is SpatioTemporalResBlock:
+            module.__class__ = _FusedSpatioTemporalResBlock
+        # The encoder's and decoder's closing norm + activation (used nowhere else).
+        norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
+        if isinstance(norm, GroupNorm32) and isinstance(act, nn.SiLU):
+            norm.apply_silu = True
+            module.conv_act = nn.Identity()
     set_conv_weight_layout(vae, channels_last=True)
     return vae
 
@@ -134,8 +216,10 @@ def decode_tiled(
     frame_window: int = VAE_FRAME_WINDOW,
     frame_overlap: int = VAE_FRAME_OVERLAP,
     progress: Callable[[int, int], None] | None = None,
+    to_cpu: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Decode latents (1, c, F, h, w) tile by tile; yield float32 CPU frames (f, 3, 8h, 8w) in [-1, 1].
+    """Decode latents (1, c, F, h, w) tile by tile; yield float32 frames (f, 3, 8h, 8w) in [-1, 1],
+    on the CPU, or with `to_cpu=False` on the VAE's device (to post-process them there).
 
     The reference blends the frame windows of each spatial tile and then blends the tiles. Both
     blends are linear with weights that depend only on positions, and every tile uses the same frame
@@ -152,7 +236,8 @@ def decode_tiled(
     h_windows, w_windows = vae_tile_windows(height, width, tile, tile_overlap)
     t_windows = vae_frame_windows(num_frames, frame_window, frame_overlap)
     tiles = [(h0, h1, w0, w1) for h0, h1 in h_windows for w0, w1 in w_windows]
-    return _decode_tiles(vae, z, tiles, t_windows, frame_overlap, progress)
+    chunks = _decode_tiles(vae, z, tiles, t_windows, frame_overlap, progress)
+    return (chunk.cpu() for chunk in chunks) if to_cpu else chunks
 
 
 @torch.no_grad()
@@ -196,8 +281,8 @@ def _decode_tiles(
             frames = blend_time(previous.transpose(0, 1)[None], frames.transpose(0, 1)[None], frame_overlap)
             frames = frames[0].transpose(0, 1)
         if index == len(t_windows) - 1:
-            yield frames.cpu().contiguous()
+            yield frames
         else:
             keep = frames.shape[0] - frame_overlap
-            yield frames[:keep].cpu().contiguous()
+            yield frames[:keep]
             previous = frames

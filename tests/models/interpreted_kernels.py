@@ -119,3 +119,34 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
     assert calls["layer_norm"] >= 3 * blocks and calls["add_with_bias"] > 0, calls
     assert rel_l2(out, tiny_case["out"]) <= 1e-4
     assert max_abs(out, tiny_case["out"]) <= 2e-5
+
+
+def test_optimized_vae_with_kernels_matches_diffusers(monkeypatch):
+    """The temporal VAE as `optimize_vae` runs it (kernel GroupNorm+SiLU with the conv bias
+    added, bias+residual adds, one-lerp mix) decodes and encodes as diffusers' own forward."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from venhancer.vae import optimize_vae
+
+    calls = {"group_norm": 0, "add_with_bias": 0}
+    for name in calls:
+        original = getattr(kernels, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+    torch.manual_seed(0)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                                       layers_per_block=1).eval().requires_grad_(False)
+    fast = optimize_vae(copy.deepcopy(vae))
+    z = torch.randn(3, 4, 4, 6)
+    frames = torch.rand(1, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        want_dec, want_enc = vae.decode(z, num_frames=3).sample, vae.encode(frames).latent_dist.mean
+        assert calls == {"group_norm": 0, "add_with_bias": 0}
+        got_dec, got_enc = fast.decode(z, num_frames=3).sample, fast.encode(frames).latent_dist.mean
+    assert calls["group_norm"] > 10 and calls["add_with_bias"] > 5, calls
+    torch.testing.assert_close(got_dec, want_dec, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(got_enc, want_enc, atol=5e-5, rtol=1e-4)

@@ -17,8 +17,10 @@ from .layers import Downsample, ResBlock, Upsample
 class UNetBlock(nn.ModuleList):
     """Layers applied in order to per-frame activations `((b f), c, h, w)`."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """emb: ((b f), embed_dim) per-frame embedding; context: (b, M, context_dim) text."""
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], emb: torch.Tensor, context: torch.Tensor,
+                num_frames: int) -> torch.Tensor:
+        """emb: ((b f), embed_dim) per-frame embedding; context: (b, M, context_dim) text.
+        A decoder block gets x as (x, skip): its first layer, a ResBlock, concatenates them."""
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb, num_frames)

@@ -178,11 +178,35 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(in_channels, out_channels, 1)
         self.temopral_conv = TemporalConvBlock(out_channels)
-        self.fold_conv_bias = False  # set by optimize, see `forward`
+        self.fold_conv_bias = False  # set by optimize, see `_per_frame`
+        # Frames per pass of the per-frame part (set by optimize): bounds its transients, which
+        # at a decoder block's concatenated input are several times the output's size.
+        self.frame_chunk: int | None = None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
-        # x: ((b f), c_in, h, w); emb: ((b f), embed_dim)
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], emb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: ((b f), c_in, h, w), or a tuple of such tensors whose channel concatenation is the
+        input (the decoder's x and skip: concatenated per frame chunk, never all at once).
+        emb: ((b f), embed_dim)."""
+        parts = x if isinstance(x, tuple) else (x,)
         emb_out = self.emb_layers(emb)  # ((b f), c_out)
+        frames = parts[0].shape[0]
+        step = self.frame_chunk or frames
+        if step >= frames:
+            h = self._per_frame(_concat_channels(parts), emb_out)
+        else:
+            h = None
+            for start in range(0, frames, step):
+                rows = slice(start, start + step)
+                part = self._per_frame(_concat_channels([p[rows] for p in parts]), emb_out[rows])
+                if h is None:
+                    layout = torch.channels_last if _is_channels_last(part) else torch.contiguous_format
+                    h = part.new_empty((frames, *part.shape[1:])).contiguous(memory_format=layout)
+                h[rows] = part
+        return self.temopral_conv(h, num_frames)
+
+    def _per_frame(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
+        """Everything before the temporal convolutions: each frame on its own (GroupNorm of a
+        4-D input normalises every frame separately)."""
         in_norm, in_act, in_conv = self.in_layers
         out_norm, out_act, _, out_conv = self.out_layers
         h = in_act(in_norm(x))
@@ -190,14 +214,20 @@ class ResBlock(nn.Module):
             h = in_conv(h)
             # The norm adds the embedding itself: one pass over h instead of two.
             h = out_act(out_norm(h, add=emb_out))
-            h = self.skip_connection(x) + out_conv(h)
-            return self.temopral_conv(h, num_frames)
+            return self.skip_connection(x) + out_conv(h)
         # The convolutions' biases join the adds that follow them (the norm's per-channel add,
         # the residual sum) instead of a pass of their own over the activations.
         h = conv_without_bias(in_conv, h)
         h = out_act(out_norm(h, add=emb_out + in_conv.bias.to(emb_out.dtype)))
-        h = add_with_channel_bias(self.skip_connection(x), conv_without_bias(out_conv, h), out_conv.bias)
-        return self.temopral_conv(h, num_frames)
+        return add_with_channel_bias(self.skip_connection(x), conv_without_bias(out_conv, h), out_conv.bias)
+
+
+def _concat_channels(parts) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class Downsample(nn.Module):

@@ -82,9 +82,9 @@ class VEnhancerUNet(nn.Module):
         x = self.middle_block(x, emb, context, f)
         x = x + pending.pop()
         for block in self.output_blocks:
-            # Skips are consumed last-in first-out; x comes first in the concatenation.
-            x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb, context, f)
+            # Skips are consumed last-in first-out; x comes first in the channel concatenation,
+            # which the block's ResBlock forms (per frame chunk when it runs in chunks).
+            x = block((x, skips.pop()), emb, context, f)
         x = self.out(x)
 
         v = x.reshape(b, f, -1, h, w).transpose(1, 2).to(out_dtype)  # ((b f), c, h, w) -> (b, c, f, h, w)
