@@ -1,14 +1,19 @@
 """GPU benchmarks of VEnhancer (random weights: same cost as the real ones, no download).
 
-    python benchmarks/bench.py forward  [--frames 31 40] [--out bench_forward.json]
-    python benchmarks/bench.py pipeline [--out bench_pipeline.json]
+    python benchmarks/bench.py forward  [--frames 31 40] [--ablations] [--profile] [--out bench_forward.json]
+    python benchmarks/bench.py vae      [--out bench_vae.json]
+    python benchmarks/bench.py pipeline [--steps 2] [--low_vram]
 
 `forward`: one network evaluation of both guidance branches for a temporal window at the seed
 clip's latent size (162x240), for the plain path (the reference's way: fp16 weights under fp16
 autocast, PyTorch's default SDPA kernel, branches one after the other) and for our optimized
 path, in the same process on the same weights; plus ablations of each optimization, FLOPs
 (torch.utils.flop_counter), the achieved rate, peak memory, and the optimized output's error
-against the plain one.
+against the plain one. `optimized_low_vram` is the `--low_vram` preset.
+
+`vae`: the temporal VAE (Stable Video Diffusion's config) as diffusers runs it (fp16) and as
+`optimize_vae` runs it: one decode tile (5 frames of latent 72x128, what the tiled decode calls
+282 times for the seed clip) and one encoded 1296x1920 frame (49 per seed clip).
 
 `pipeline`: the seed clip (49 frames 720x480 at 8 fps, up_scale 4, target 24 fps, fast mode)
 end to end through the CLI in a fresh process, with random-weight checkpoints written to local
@@ -26,9 +31,13 @@ import os
 import statistics
 import time
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+# As the CLI does, before CUDA starts: the reserved-memory figures are the tool's.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,8 +130,6 @@ def matmul_rate() -> float:
     return 2 * MATMUL_SIZE**3 / t / 1e12
 
 
-def set_variant(model, *, fused: bool, channels_last: bool, tuned: bool, chunk) -> None:
-    optimize_for_inference(model, InferenceOptions(channels_last=channels_last, fused_kernels=fused, tuned_attention=tuned, ff_chunk_tokens=chunk))
 
 
 def run_forward(args) -> dict:
@@ -171,20 +178,22 @@ def run_forward(args) -> dict:
         row["flops_per_branch"] = counter.get_total_flops()
         print(f"plain {frames} frames: {row['plain_s']} s, peak {row['plain_peak_alloc_GB']:.1f} GB, {row['flops_per_branch'] / 1e15:.3f} PFLOP/branch", flush=True)
 
-    full = dict(fused=True, channels_last=True, tuned=True, chunk=2**18)
+    full = InferenceOptions()
     for frames in args.frames:
         _, sequential, batched = calls(frames)
         row = results["windows"][frames]
-        variants = [("optimized_batched", full, batched), ("optimized_sequential", full, sequential)]
+        variants = [("optimized_batched", full, batched), ("optimized_sequential", full, sequential),
+                    ("optimized_low_vram", InferenceOptions.low_vram(), sequential)]
         if args.ablations and frames == args.frames[0]:
             variants += [
-                ("no_fused_kernels", dict(full, fused=False), sequential),
-                ("no_channels_last", dict(full, channels_last=False), sequential),
-                ("no_tuned_sdpa", dict(full, tuned=False), sequential),
-                ("no_ff_chunks", dict(full, chunk=None), sequential),
+                ("no_fused_kernels", replace(full, fused_kernels=False), sequential),
+                ("no_channels_last", replace(full, channels_last=False), sequential),
+                ("no_tuned_sdpa", replace(full, tuned_attention=False), sequential),
+                ("no_ff_chunks", replace(full, ff_chunk_tokens=None), sequential),
+                ("conv_frame_chunks_8", replace(full, conv_frame_chunk=8), sequential),
             ]
         for name, opts, fn in variants:
-            set_variant(model, **opts)
+            optimize_for_inference(model, opts)
             reset_peak()
             t0 = time.perf_counter()
             out = fn()  # first call after a switch: includes any compilation
@@ -195,11 +204,35 @@ def run_forward(args) -> dict:
             del out
             row[f"{name}_s"] = cuda_time(fn, args.reps if name.startswith("optimized") else 1, warmup=False)
             row[f"{name}_peak_alloc_GB"] = peak_gb()
-            print(f"{name} {frames} frames: {row[name + '_s']} s, err {row[name + '_rel_err_vs_plain']:.2e}", flush=True)
-        set_variant(model, **full)
+            row[f"{name}_peak_reserved_GB"] = peak_gb(reserved=True)
+            if name == "optimized_low_vram" and not SMOKE:
+                row["low_vram_fits_16GB_card"] = fits_in(fn, SMALL_CARD_ALLOCATOR_GB)
+            print(f"{name} {frames} frames: {row[name + '_s']} s, err {row[name + '_rel_err_vs_plain']:.2e}, "
+                  f"peak {row[name + '_peak_alloc_GB']:.1f} GB allocated / {row[name + '_peak_reserved_GB']:.1f} reserved", flush=True)
+        optimize_for_inference(model, full)
         if args.profile and frames == args.frames[0]:
             row["top_kernels_optimized"] = profile_top(sequential)
     return results
+
+
+# What PyTorch's allocator may hold on a 16 GB card: the CUDA context and the driver take the rest.
+SMALL_CARD_ALLOCATOR_GB = 15.0
+
+
+def fits_in(fn, gigabytes: float) -> bool:
+    """Whether fn runs with the allocator capped at `gigabytes` (a smaller card, emulated)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(gigabytes * 1e9 / total)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
 
 
 def profile_top(fn, top: int = 25) -> list:
@@ -225,25 +258,89 @@ def print_forward_table(res: dict) -> None:
     for frames, row in res["windows"].items():
         flops = 2 * row["flops_per_branch"]
         print(f"\n{frames}-frame window at latent {LATENT[0]}x{LATENT[1]}, both branches:")
-        print(f"{'path':<24}{'median s':>10}{'speed-up':>10}{'TFLOP/s':>10}{'%matmul':>9}{'rel err':>10}{'peak GB':>9}")
+        print(f"{'path':<24}{'median s':>10}{'speed-up':>10}{'TFLOP/s':>10}{'%matmul':>9}{'rel err':>10}{'peak GB':>9}{'reserved':>9}")
         base = statistics.median(row["plain_s"])
         for key in [k[:-2] for k in row if k.endswith("_s") and isinstance(row[k], list)]:
             t = statistics.median(row[f"{key}_s"])
             tf = flops / t / 1e12
             err = row.get(f"{key}_rel_err_vs_plain", 0.0)
             peak = row.get(f"{key}_peak_alloc_GB", float("nan"))
-            print(f"{key:<24}{t:>10.3f}{base / t:>10.2f}{tf:>10.0f}{100 * tf / rate:>8.0f}%{err:>10.1e}{peak:>9.1f}")
+            reserved = row.get(f"{key}_peak_reserved_GB", float("nan"))
+            print(f"{key:<24}{t:>10.3f}{base / t:>10.2f}{tf:>10.0f}{100 * tf / rate:>8.0f}%{err:>10.1e}{peak:>9.1f}{reserved:>9.1f}")
+        if "low_vram_fits_16GB_card" in row:
+            verdict = "runs" if row["low_vram_fits_16GB_card"] else "does NOT run"
+            print(f"low-VRAM preset {verdict} with the allocator capped at {SMALL_CARD_ALLOCATOR_GB:g} GB (a 16 GB card)")
+
+
+def build_vae(dtype: torch.dtype):
+    """Stable Video Diffusion's temporal VAE config (SD encoder 128-256-512-512, 2 layers per
+    block, temporal decoder) with random weights; the tiny test config under BENCH_SMOKE."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    torch.manual_seed(0)
+    channels = (32, 32, 32, 32) if SMOKE else (128, 256, 512, 512)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
+                                       layers_per_block=1 if SMOKE else 2, latent_channels=4, sample_size=768,
+                                       scaling_factor=0.18215)
+    for name, p in vae.named_parameters():
+        if name.endswith("mix_factor"):
+            p.data.fill_(0.5)  # both paths of the spatio-temporal mix matter
+    return vae.to(DEVICE, dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def run_vae(args) -> dict:
+    import copy
+
+    from venhancer.planning import VAE_FRAME_WINDOW, VAE_TILE
+    from venhancer.vae import optimize_vae
+
+    plain = build_vae(torch.float32 if SMOKE else torch.float16)
+    fast = optimize_vae(copy.deepcopy(plain))
+    dtype = next(plain.parameters()).dtype
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    tile = (8, 16) if SMOKE else VAE_TILE
+    z = torch.randn(VAE_FRAME_WINDOW, 4, *tile, device=DEVICE, generator=gen, dtype=dtype)
+    size = (64, 96) if SMOKE else (LATENT[0] * 8, LATENT[1] * 8)
+    frame = (torch.rand(1, 3, *size, device=DEVICE, generator=gen) * 2 - 1).to(dtype)
+    res = {"gpu": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
+    outs = {}
+    for name, vae in (("plain", plain), ("optimized", fast)):
+        decode = lambda: vae.decode(z, num_frames=z.shape[0]).sample  # noqa: E731
+        encode = lambda: vae.encode(frame).latent_dist.mean  # noqa: E731
+        reset_peak()
+        outs[name] = (decode().float(), encode().float())
+        res["rows"][f"{name}_decode_tile_s"] = cuda_time(decode, args.reps + 1)
+        res["rows"][f"{name}_decode_peak_alloc_GB"] = peak_gb()
+        res["rows"][f"{name}_encode_frame_s"] = cuda_time(encode, args.reps + 1)
+    for i, part in enumerate(("decode", "encode")):
+        ref, got = outs["plain"][i], outs["optimized"][i]
+        res["rows"][f"optimized_{part}_rel_err"] = float((got - ref).norm() / ref.norm())
+    return res
+
+
+def print_vae_table(res: dict) -> None:
+    rows = res["rows"]
+    print(f"\nTemporal VAE on {res['gpu']} | torch {res['torch']}")
+    print(f"{'call':<36}{'plain s':>10}{'optimized s':>13}{'speed-up':>10}{'rel err':>10}")
+    for part, label in (("decode", "decode tile (5 x 72x128 latents)"), ("encode", "encode one 1296x1920 frame")):
+        key = "decode_tile" if part == "decode" else "encode_frame"
+        a, b = statistics.median(rows[f"plain_{key}_s"]), statistics.median(rows[f"optimized_{key}_s"])
+        print(f"{label:<36}{a:>10.3f}{b:>13.3f}{a / b:>10.2f}{rows[f'optimized_{part}_rel_err']:>10.1e}")
+    print(f"peak allocated in a decode tile: plain {rows['plain_decode_peak_alloc_GB']:.1f} GB, "
+          f"optimized {rows['optimized_decode_peak_alloc_GB']:.1f} GB")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["forward", "pipeline"])
+    parser.add_argument("part", choices=["forward", "vae", "pipeline"])
     parser.add_argument("--frames", type=int, nargs="+", default=[31, 40])
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=2, help="pipeline: solver steps to run (normal mode)")
+    parser.add_argument("--low_vram", action="store_true", help="pipeline: run the CLI with --low_vram")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not SMOKE:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
@@ -258,6 +355,11 @@ def main(argv=None) -> int:
             for name, ms, count in prof["kernels"]:
                 print(f"{ms:>9.1f} ms {count:>6}  {name}")
         print_forward_table(res)
+    elif args.part == "vae":
+        res = run_vae(args)
+        out = args.out or os.path.join(os.environ.get("OUT", "."), "bench_vae.json")
+        Path(out).write_text(json.dumps(res, indent=1))
+        print_vae_table(res)
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from pipeline_bench import run_pipeline

@@ -175,7 +175,7 @@ def test_low_vram_mode_same_result_in_smaller_passes(enhancer, clip, tmp_path, m
     small = Enhancer(enhancer.config, progress=False, low_vram=True)
     assert small.low_vram and not enhancer.low_vram  # the CPU never turns it on by itself
     chunks = {m.frame_chunk for m in small.unet.modules() if isinstance(m, ResBlock)}
-    assert chunks == {InferenceOptions.low_vram().resblock_frame_chunk}
+    assert chunks == {InferenceOptions.low_vram().conv_frame_chunk}
     latents = []
 
     def keep(real, vae, x0, **kwargs):

@@ -12,7 +12,7 @@ from torch import nn
 
 from unet_helpers import call_args, max_abs, rel_l2
 from venhancer.models.attention import TemporalTransformer
-from venhancer.models.layers import GroupNorm32, ResBlock
+from venhancer.models.layers import GroupNorm32, ResBlock, Upsample
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 
 REL_L2 = 1e-4
@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.parametrize("chunk, frames, temporal, resblock", [(None, None, None, None), (37, 2, 13, 2), (None, 1, 2**19, 3)])
 def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, frames, temporal, resblock):
     options = InferenceOptions(ff_chunk_tokens=chunk, spatial_frame_chunk=frames, temporal_chunk_tokens=temporal,
-                               resblock_frame_chunk=resblock)
+                               conv_frame_chunk=resblock)
     model = optimize_for_inference(copy.deepcopy(tiny_model), options)
     with torch.no_grad():
         out = model(*call_args(tiny_case))
@@ -61,30 +61,34 @@ def test_invalid_chunk_rejected():
         InferenceOptions(spatial_frame_chunk=-1)
     with pytest.raises(ValueError, match="temporal_chunk_tokens"):
         InferenceOptions(temporal_chunk_tokens=0)
-    with pytest.raises(ValueError, match="resblock_frame_chunk .*True"):
-        InferenceOptions(resblock_frame_chunk=True)
+    with pytest.raises(ValueError, match="conv_frame_chunk .*True"):
+        InferenceOptions(conv_frame_chunk=True)
 
 
 def test_low_vram_preset_matches_reference(tiny_model, tiny_case):
     """The low-memory preset only changes pass sizes: the result is the reference's. The
     ResBlocks really run in chunks (the decoder's skips concatenated per chunk)."""
     options = InferenceOptions.low_vram()
-    assert options.resblock_frame_chunk and options.spatial_frame_chunk
+    assert options.conv_frame_chunk and options.spatial_frame_chunk
     model = optimize_for_inference(copy.deepcopy(tiny_model), options)
     seen = []
     for block in model.modules():
         if isinstance(block, ResBlock):
             block.register_forward_pre_hook(lambda m, args: seen.append(isinstance(args[0], tuple)))
-    calls = []
+    calls, upsampled = [], []
     for block in model.modules():
         if isinstance(block, ResBlock):
             original = block._per_frame
             block._per_frame = lambda x, e, _o=original: (calls.append(x.shape[0]), _o(x, e))[1]
+        if isinstance(block, Upsample):
+            original = block._upsample
+            block._upsample = lambda x, _o=original: (upsampled.append(x.shape[0]), _o(x))[1]
     with torch.no_grad():
         out = model(*call_args(tiny_case))
     assert any(seen) and not all(seen)  # decoder blocks get (x, skip), encoder blocks a tensor
     frames = tiny_case["x"].shape[2]
-    assert max(calls) <= options.resblock_frame_chunk < frames
+    assert max(calls) <= options.conv_frame_chunk < frames
+    assert upsampled and max(upsampled) <= options.conv_frame_chunk
     assert rel_l2(out, tiny_case["out"]) <= REL_L2
     assert max_abs(out, tiny_case["out"]) <= 2e-5
 

@@ -199,8 +199,7 @@ class ResBlock(nn.Module):
                 rows = slice(start, start + step)
                 part = self._per_frame(_concat_channels([p[rows] for p in parts]), emb_out[rows])
                 if h is None:
-                    layout = torch.channels_last if _is_channels_last(part) else torch.contiguous_format
-                    h = part.new_empty((frames, *part.shape[1:])).contiguous(memory_format=layout)
+                    h = _empty_frames_like(part, frames)
                 h[rows] = part
         return self.temopral_conv(h, num_frames)
 
@@ -226,8 +225,11 @@ def _concat_channels(parts) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def _empty_frames_like(part: torch.Tensor, frames: int) -> torch.Tensor:
+    """An uninitialised (frames, ...) tensor with `part`'s dtype, device and memory layout."""
+    channels_last = part.is_contiguous(memory_format=torch.channels_last) and not part.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((frames, *part.shape[1:]), dtype=part.dtype, device=part.device, memory_format=layout)
 
 
 class Downsample(nn.Module):
@@ -248,8 +250,25 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        # Frames per pass (set by optimize): the 4x larger interpolated input is then only
+        # ever held for a few frames.
+        self.frame_chunk: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.shape[0]
+        step = self.frame_chunk or frames
+        if step >= frames:
+            return self._upsample(x)
+        out = None
+        for start in range(0, frames, step):
+            rows = slice(start, start + step)
+            part = self._upsample(x[rows])
+            if out is None:
+                out = _empty_frames_like(part, frames)
+            out[rows] = part
+        return out
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         x = x[..., 1:-1, :]  # (n, c, 2h-2, 2w)
         return self.conv(x)

@@ -10,7 +10,7 @@
   temporal transformers (frame-major tokens, attention gathering each pixel's frames by stride);
 - the SDPA kernel picked per sequence length;
 - the transformers' feed-forward over bounded token chunks, the spatial transformers (and,
-  optionally, the ResBlocks' per-frame part) over a few frames at a time (lower peak memory,
+  optionally, the ResBlocks' per-frame part and the upsampling) over a few frames at a time (lower peak memory,
   same result); `InferenceOptions.low_vram()` makes all of these passes small.
 Parameter names and values are untouched, so checkpoints still load strictly.
 """
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .attention import GEGLU, LayerNorm, SpatialTransformer, TemporalTransformer, TransformerBlock, set_tuned_sdpa
-from .layers import GroupNorm32, ResBlock, TemporalConvBlock
+from .layers import GroupNorm32, ResBlock, TemporalConvBlock, Upsample
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,19 @@ class InferenceOptions:
     # Tokens (frames x pixels) per temporal-transformer pass in the channels-last layout: at
     # level 0 of a 40-frame window (1.6M tokens) its ~7 full-size transients held ~7 GB at once.
     temporal_chunk_tokens: int | None = 2**19
-    # Frames per pass of the ResBlocks' per-frame part (None: all at once), the decoder's
-    # skip concatenation included: bounds the largest transients of the network.
-    resblock_frame_chunk: int | None = None
+    # Frames per pass of the per-frame convolution stages (None: all at once): the ResBlocks'
+    # first part, the decoder's skip concatenation included, and the upsampling. Bounds the
+    # largest transients of the network (a 40-frame level-0 ResBlock input is 3 GB in fp16).
+    conv_frame_chunk: int | None = None
 
     @classmethod
     def low_vram(cls) -> "InferenceOptions":
         """Smaller passes everywhere, for cards of ~16 GB: same result, lower peak memory, a
         little slower (see the README's measurements)."""
-        return cls(ff_chunk_tokens=2**16, spatial_frame_chunk=2, temporal_chunk_tokens=2**17, resblock_frame_chunk=4)
+        return cls(ff_chunk_tokens=2**16, spatial_frame_chunk=2, temporal_chunk_tokens=2**17, conv_frame_chunk=4)
 
     def __post_init__(self):
-        for name in ("ff_chunk_tokens", "spatial_frame_chunk", "temporal_chunk_tokens", "resblock_frame_chunk"):
+        for name in ("ff_chunk_tokens", "spatial_frame_chunk", "temporal_chunk_tokens", "conv_frame_chunk"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -69,8 +70,8 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
             module.fused = options.fused_kernels
         if isinstance(module, (ResBlock, TemporalConvBlock)):
             module.fold_conv_bias = options.fused_kernels
-        if isinstance(module, ResBlock):
-            module.frame_chunk = options.resblock_frame_chunk
+        if isinstance(module, (ResBlock, Upsample)):
+            module.frame_chunk = options.conv_frame_chunk
         if isinstance(module, TemporalTransformer):
             module.frame_major = options.channels_last
             module.chunk_tokens = options.temporal_chunk_tokens
