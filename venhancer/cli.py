@@ -192,6 +192,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("%s", exc)
         return EXIT_USAGE
     setup_logging(args.log_level, rank=dist.rank)
+    if not args.dry_run:
+        from venhancer.warmup import start_cuda_warmup
+
+        # GPU libraries start on a thread while the models' code is imported (venhancer.warmup).
+        start_cuda_warmup(dist.device_name(args.device))
     try:
         code = _main(args, dist)
         dist.barrier()  # every process has logged what it had to

@@ -1,0 +1,35 @@
+"""The GPU warm-up thread: never started without a GPU or when switched off, never fails a run."""
+
+import logging
+
+import torch
+
+from venhancer import warmup
+
+
+def test_no_thread_without_a_gpu_or_when_switched_off(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert warmup.start_cuda_warmup("auto") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert warmup.start_cuda_warmup("cpu") is None
+    assert warmup.start_cuda_warmup("cuda:3") is None  # no such device: the run itself reports it
+    monkeypatch.setenv(warmup.ENV_SWITCH, "0")
+    assert warmup.start_cuda_warmup("cuda") is None
+
+
+def test_a_failing_warmup_is_only_logged(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = []
+
+    def broken(device, kernels):
+        seen.append((device, kernels.__name__))
+        raise RuntimeError("driver too old")
+
+    monkeypatch.setattr(warmup, "_warm", broken)
+    with caplog.at_level(logging.DEBUG, logger="venhancer.warmup"):
+        thread = warmup.start_cuda_warmup("auto")
+        thread.join(timeout=30)
+    assert seen == [(torch.device("cuda"), "venhancer.models.kernels")]
+    assert "GPU warm-up skipped: driver too old" in caplog.text
