@@ -190,7 +190,12 @@ def test_low_vram_mode_same_result_in_smaller_passes(enhancer, clip, tmp_path, m
     # latents of size ~1; a wrong chunk (a frame normalised with another) would be off by ~1.
     assert latents[0].abs().max() > 0.5
     torch.testing.assert_close(latents[1], latents[0], atol=2e-4, rtol=1e-3)
-    assert json.loads(result.sidecar_path.read_text())["model"]["low_vram"] is True
+    sidecar = json.loads(result.sidecar_path.read_text())
+    assert sidecar["model"]["low_vram"] is True
+    # One duration per solver step, which together make up (most of) the sampling phase.
+    steps = sidecar["solver_steps_s"]
+    assert len(steps) == 2 and all(t > 0 for t in steps)
+    assert sum(steps) <= sidecar["timings_s"]["sample"] + 0.01
 
 
 def test_output_may_not_replace_input(enhancer, clip, tmp_path):

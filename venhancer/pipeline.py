@@ -281,6 +281,7 @@ class Enhancer:
         self.low_vram = self._choose_low_vram(low_vram)
         self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
         self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
+        self.solver_step_seconds: list[float] = []  # of the running video, one entry per solver step
         # Resolve (and download if needed) every file before loading any: a missing one fails fast.
         self.unet_path = resolve_unet_checkpoint(self.config, version, model_path or None)
         text_path = resolve_text_encoder_weights(self.config)
@@ -359,6 +360,7 @@ class Enhancer:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         self.denoise_start_unix_time = None
+        self.solver_step_seconds = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         plan: Optional[VideoPlan] = None
@@ -481,10 +483,22 @@ class Enhancer:
             # Wall-clock time at which denoising starts: the start-up benchmark reads it.
             self.denoise_start_unix_time = time.time()
             logger.info("denoising: %d solver steps x %d windows", plan.denoise_steps, len(plan.windows))
+            last = time.perf_counter()
+
+            def step_done(i: int, total: int) -> None:
+                nonlocal last
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the step's kernels, not just their launch
+                now = time.perf_counter()
+                # The first step includes one-time work (kernel compilation on a cold cache).
+                self.solver_step_seconds.append(now - last)
+                last = now
+                bar.update(1)
+
             with self._bar(plan.denoise_steps, "denoise") as bar:
                 x0 = sample(self.unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
                             guide_scale=options.cfg, guide_rescale=GUIDE_RESCALE, windows=plan.windows,
-                            generator=generator, callback=lambda i, total: bar.update(1),
+                            generator=generator, callback=step_done,
                             evaluate=None if shard is None else shard.evaluate)
         except Exception as exc:
             if shard is not None:
@@ -542,5 +556,6 @@ class Enhancer:
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "model_load_s": {k: round(v, 3) for k, v in self.load_timings.items()},
             "denoise_start_unix_time": self.denoise_start_unix_time,
+            "solver_steps_s": [round(t, 3) for t in self.solver_step_seconds],
             "distributed": None if self.sharding is None else self.sharding.describe(),
         }
