@@ -13,16 +13,20 @@ from venhancer.vae import LATENT_SCALE, decode_tiled, encode_frames, expand_late
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="module")
-def tiny_vae():
+def make_tiny_vae(channels: tuple[int, ...], seed: int) -> AutoencoderKLTemporalDecoder:
     # Four blocks -> three 2x downsamplings, the real factor 8; 32 channels is the GroupNorm minimum.
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = AutoencoderKLTemporalDecoder(
-        block_out_channels=(32, 32, 32, 32),
+        block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * 4,
         layers_per_block=1,
     )
     return vae.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    return make_tiny_vae((32, 32, 32, 32), seed=0)
 
 
 def plain_decode(vae, z):
@@ -232,17 +236,12 @@ def test_load_vae_missing_folder(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_vae_widening():
     """Channel counts change between blocks, so the resnets have 1x1 shortcut convolutions."""
-    torch.manual_seed(1)
-    vae = AutoencoderKLTemporalDecoder(
-        block_out_channels=(32, 64, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        layers_per_block=1,
-    )
+    vae = make_tiny_vae((32, 64, 64, 64), seed=1)
     # Non-zero mixing so both the spatial and the temporal path matter.
     for name, p in vae.named_parameters():
         if name.endswith("mix_factor"):
             p.data.fill_(0.3)
-    return vae.eval().requires_grad_(False)
+    return vae
 
 
 @pytest.mark.parametrize("which", ["tiny_vae", "tiny_vae_widening"])

@@ -63,6 +63,17 @@ def load_vae(
     return vae.to(device).eval().requires_grad_(False)
 
 
+def _folded_resnet_forward(block: ResnetBlock2D | TemporalResnetBlock, x: torch.Tensor) -> torch.Tensor:
+    """norm1 (+SiLU) -> conv1 -> norm2 (+SiLU) -> conv2, plus the shortcut, for a block whose
+    norms apply the SiLU themselves; conv1's bias is added by norm2, conv2's by the residual sum."""
+    h = block.norm1(x)
+    h = conv_without_bias(block.conv1, h)
+    h = block.norm2(h, add=block.conv1.bias.expand(h.shape[0], -1))  # GroupNorm(h + bias) + SiLU
+    h = conv_without_bias(block.conv2, h)
+    shortcut = x if block.conv_shortcut is None else block.conv_shortcut(x)
+    return add_with_channel_bias(shortcut, h, block.conv2.bias)
+
+
 class _FusedResnetBlock2D(ResnetBlock2D):
     """diffusers' ResnetBlock2D as the VAE uses it (no time embedding, no resampling, output
     scale 1), with SiLU in its norms' pass, conv1's bias added by norm2 and conv2's bias by the
@@ -71,12 +82,7 @@ class _FusedResnetBlock2D(ResnetBlock2D):
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         if temb is not None or args or kwargs:
             return super().forward(input_tensor, temb, *args, **kwargs)
-        h = self.norm1(input_tensor)  # GroupNorm + SiLU
-        h = conv_without_bias(self.conv1, h)
-        h = self.norm2(h, add=self.conv1.bias.expand(h.shape[0], -1))  # GroupNorm(h + bias) + SiLU
-        h = conv_without_bias(self.conv2, h)
-        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return add_with_channel_bias(shortcut, h, self.conv2.bias)
+        return _folded_resnet_forward(self, input_tensor)
 
 
 class _FusedTemporalResnetBlock(TemporalResnetBlock):
@@ -85,12 +91,7 @@ class _FusedTemporalResnetBlock(TemporalResnetBlock):
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         if temb is not None:
             return super().forward(input_tensor, temb)
-        h = self.norm1(input_tensor)
-        h = conv_without_bias(self.conv1, h)
-        h = self.norm2(h, add=self.conv1.bias.expand(h.shape[0], -1))
-        h = conv_without_bias(self.conv2, h)
-        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return add_with_channel_bias(shortcut, h, self.conv2.bias)
+        return _folded_resnet_forward(self, input_tensor)
 
 
 class _FusedSpatioTemporalResBlock(SpatioTemporalResBlock):

@@ -89,9 +89,10 @@ def test_add_with_bias_keeps_layout():
     assert (got - (a + b + bias[:, None, None, None])).abs().max() < 1e-6
 
 
-def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_case, monkeypatch):
-    calls = {"group_norm": 0, "geglu": 0, "layer_norm": 0, "add_with_bias": 0}
-    for name in calls:
+def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
+    """Wrap the named `kernels` functions so that each call is counted in the returned dict."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
         original = getattr(kernels, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
@@ -99,6 +100,11 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_case, monkeypatch):
+    calls = count_kernel_calls(monkeypatch, ["group_norm", "geglu", "layer_norm", "add_with_bias"])
     supported = []
     forward = GroupNorm32.forward
 
@@ -128,15 +134,7 @@ def test_optimized_vae_with_kernels_matches_diffusers(monkeypatch):
 
     from venhancer.vae import optimize_vae
 
-    calls = {"group_norm": 0, "add_with_bias": 0}
-    for name in calls:
-        original = getattr(kernels, name)
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, counted)
+    calls = count_kernel_calls(monkeypatch, ["group_norm", "add_with_bias"])
     torch.manual_seed(0)
     vae = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
                                        layers_per_block=1).eval().requires_grad_(False)
