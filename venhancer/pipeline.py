@@ -525,7 +525,7 @@ class Enhancer:
                                       frame_overlap=planning.vae_frame_overlap, to_cpu=False):
                 chunk = chunk[:, :, top:top + plan.height, left:left + plan.width]
                 pixels = ((chunk.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)  # truncates
-                pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+                pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (f, H, W, 3)
                 if pending is not None:
                     pending.result()  # one chunk in flight: bounded memory, errors surface here
                 pending = pool.submit(writer.append, pixels)

@@ -189,18 +189,7 @@ class ResBlock(nn.Module):
         emb: ((b f), embed_dim)."""
         parts = x if isinstance(x, tuple) else (x,)
         emb_out = self.emb_layers(emb)  # ((b f), c_out)
-        frames = parts[0].shape[0]
-        step = self.frame_chunk or frames
-        if step >= frames:
-            h = self._per_frame(_concat_channels(parts), emb_out)
-        else:
-            h = None
-            for start in range(0, frames, step):
-                rows = slice(start, start + step)
-                part = self._per_frame(_concat_channels([p[rows] for p in parts]), emb_out[rows])
-                if h is None:
-                    h = _empty_frames_like(part, frames)
-                h[rows] = part
+        h = in_frame_chunks(lambda p, e: self._per_frame(_concat_channels(p), e), self.frame_chunk, parts, emb_out)
         return self.temopral_conv(h, num_frames)
 
     def _per_frame(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
@@ -225,11 +214,23 @@ def _concat_channels(parts) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
 
 
-def _empty_frames_like(part: torch.Tensor, frames: int) -> torch.Tensor:
-    """An uninitialised (frames, ...) tensor with `part`'s dtype, device and memory layout."""
-    channels_last = part.is_contiguous(memory_format=torch.channels_last) and not part.is_contiguous()
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((frames, *part.shape[1:]), dtype=part.dtype, device=part.device, memory_format=layout)
+def in_frame_chunks(fn, chunk: int | None, *inputs) -> torch.Tensor:
+    """fn(*inputs) for a per-frame fn, run over at most `chunk` frames (dim 0) at a time (None:
+    all at once). Inputs are tensors or tuples of tensors, sliced alike; the pieces are written
+    into one output with the first piece's dtype and memory layout."""
+    frames = (inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]).shape[0]
+    if chunk is None or chunk >= frames:
+        return fn(*inputs)
+    out = None
+    for start in range(0, frames, chunk):
+        rows = slice(start, start + chunk)
+        part = fn(*(tuple(t[rows] for t in x) if isinstance(x, tuple) else x[rows] for x in inputs))
+        if out is None:
+            channels_last = part.is_contiguous(memory_format=torch.channels_last) and not part.is_contiguous()
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            out = torch.empty((frames, *part.shape[1:]), dtype=part.dtype, device=part.device, memory_format=layout)
+        out[rows] = part
+    return out
 
 
 class Downsample(nn.Module):
@@ -255,18 +256,7 @@ class Upsample(nn.Module):
         self.frame_chunk: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames = x.shape[0]
-        step = self.frame_chunk or frames
-        if step >= frames:
-            return self._upsample(x)
-        out = None
-        for start in range(0, frames, step):
-            rows = slice(start, start + step)
-            part = self._upsample(x[rows])
-            if out is None:
-                out = _empty_frames_like(part, frames)
-            out[rows] = part
-        return out
+        return in_frame_chunks(self._upsample, self.frame_chunk, x)
 
     def _upsample(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")

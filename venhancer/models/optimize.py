@@ -10,8 +10,8 @@
   temporal transformers (frame-major tokens, attention gathering each pixel's frames by stride);
 - the SDPA kernel picked per sequence length;
 - the transformers' feed-forward over bounded token chunks, the spatial transformers (and,
-  optionally, the ResBlocks' per-frame part and the upsampling) over a few frames at a time (lower peak memory,
-  same result); `InferenceOptions.low_vram()` makes all of these passes small.
+  optionally, the ResBlocks' per-frame part and the upsampling) over a few frames at a time
+  (lower peak memory, same result); `InferenceOptions.low_vram()` makes all of these passes small.
 Parameter names and values are untouched, so checkpoints still load strictly.
 """
 
