@@ -33,3 +33,18 @@ def test_a_failing_warmup_is_only_logged(monkeypatch, caplog):
         thread.join(timeout=30)
     assert seen == [(torch.device("cuda"), "venhancer.models.kernels")]
     assert "GPU warm-up skipped: driver too old" in caplog.text
+
+
+def test_cli_waits_for_the_warmup_before_exiting(monkeypatch, tmp_path):
+    """A run that stops at once (here: a missing input) still joins the warm-up thread first."""
+    from venhancer import cli
+
+    joined = []
+
+    class Thread:
+        def join(self, timeout=None):
+            joined.append(timeout)
+
+    monkeypatch.setattr(warmup, "start_cuda_warmup", lambda device: Thread())
+    code = cli.main(["--input_path", str(tmp_path / "missing.mp4"), "--save_dir", str(tmp_path / "out")])
+    assert code == cli.EXIT_USAGE and len(joined) == 1

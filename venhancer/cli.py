@@ -192,11 +192,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("%s", exc)
         return EXIT_USAGE
     setup_logging(args.log_level, rank=dist.rank)
+    warmup = None
     if not args.dry_run:
         from venhancer.warmup import start_cuda_warmup
 
         # GPU libraries start on a thread while the models' code is imported (venhancer.warmup).
-        start_cuda_warmup(dist.device_name(args.device))
+        warmup = start_cuda_warmup(dist.device_name(args.device))
     try:
         code = _main(args, dist)
         dist.barrier()  # every process has logged what it had to
@@ -209,6 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_FAILED
     finally:
         dist.close()
+        if warmup is not None:
+            # A run that stops early must not exit while that thread is inside the CUDA libraries.
+            warmup.join(timeout=60)
 
 
 def _main(args: argparse.Namespace, dist: "DistContext") -> int:
