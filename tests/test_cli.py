@@ -292,3 +292,14 @@ def test_help_lists_every_reference_flag():
     parse = cli.build_parser().parse_args
     assert parse(["--input_path", "x", "--low_vram"]).low_vram is True
     assert parse(["--input_path", "x", "--no-low_vram"]).low_vram is False
+
+
+def test_debug_log_is_a_timeline(tiny_config, clips, tmp_path, capsys):
+    """--log_level debug prefixes every line with the seconds since start and logs each phase's time."""
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / "with_audio.mp4",
+                         "--save_dir", tmp_path / "results", "--log_level", "debug", *FAST)
+    assert code == 0, log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert lines and all(re.match(r"\[ *\d+\.\d\d s\] ", line) for line in lines), lines[:5]
+    for phase in ("read", "encode", "text", "sample", "decode_write"):
+        assert re.search(rf"\] {phase} took \d+\.\d\d s", log), phase

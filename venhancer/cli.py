@@ -52,8 +52,11 @@ class _Formatter(logging.Formatter):
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
         # Tracebacks only when asked for (--log_level debug logs them with exc_info).
-        if record.exc_info and logging.getLogger("venhancer").isEnabledFor(logging.DEBUG):
+        debug = logging.getLogger("venhancer").isEnabledFor(logging.DEBUG)
+        if record.exc_info and debug:
             message += "\n" + self.formatException(record.exc_info)
+        if debug:  # a timeline: seconds since logging started (about when the process did)
+            message = f"[{record.relativeCreated / 1000:7.2f} s] {message}"
         return self.prefix + message
 
 

@@ -427,6 +427,7 @@ class Enhancer:
             # Kernels run asynchronously; without a sync the time lands in a later phase.
             torch.cuda.synchronize(self.device)
         timings[name] = time.perf_counter() - start
+        logger.debug("%s took %.2f s", name, timings[name])
 
     def _bar(self, total: int, desc: str) -> tqdm:
         # disable=None: bars only on a terminal, so logs and pipes stay clean.
