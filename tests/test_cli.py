@@ -303,3 +303,4 @@ def test_debug_log_is_a_timeline(tiny_config, clips, tmp_path, capsys):
     assert lines and all(re.match(r"\[ *\d+\.\d\d s\] ", line) for line in lines), lines[:5]
     for phase in ("read", "encode", "text", "sample", "decode_write"):
         assert re.search(rf"\] {phase} took \d+\.\d\d s", log), phase
+    assert re.search(r"\] encoded frames 0-7 at \d+\.\d\d s", log) and "encoded frames 8-8 at" in log

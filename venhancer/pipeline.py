@@ -442,6 +442,7 @@ class Enhancer:
         noise = torch.randn((n, self.vae.config.latent_channels, lat_h, lat_w), generator=generator,
                             device=self.device, dtype=torch.float32)
         latents = []
+        started = time.perf_counter()
         with self._bar(n, "encode") as bar:
             for begin in range(0, n, _FRAME_BATCH):
                 batch = torch.from_numpy(frames[begin:begin + _FRAME_BATCH]).to(self.device)
@@ -451,6 +452,11 @@ class Enhancer:
                 x = F.pad(x, plan.padding, value=1.0)
                 latents.append(encode_frames(self.vae, x, noise=noise[begin:begin + x.shape[0]]))
                 bar.update(x.shape[0])
+                if logger.isEnabledFor(logging.DEBUG):  # the first batch carries one-time costs
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    logger.debug("encoded frames %d-%d at %.2f s", begin, begin + x.shape[0] - 1,
+                                 time.perf_counter() - started)
         return torch.cat(latents, dim=2)
 
     def _encode_text(self, prompt: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
