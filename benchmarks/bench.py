@@ -272,16 +272,21 @@ def print_forward_table(res: dict) -> None:
             print(f"low-VRAM preset {verdict} with the allocator capped at {SMALL_CARD_ALLOCATOR_GB:g} GB (a 16 GB card)")
 
 
-def build_vae(dtype: torch.dtype):
-    """Stable Video Diffusion's temporal VAE config (SD encoder 128-256-512-512, 2 layers per
-    block, temporal decoder) with random weights; the tiny test config under BENCH_SMOKE."""
+def svd_vae():
+    """Stable Video Diffusion's temporal VAE (the SD encoder 128-256-512-512 with 2 layers per
+    block, and the temporal decoder) with diffusers' random initialisation, float32 on the CPU;
+    the tiny test config under BENCH_SMOKE."""
     from diffusers import AutoencoderKLTemporalDecoder
 
-    torch.manual_seed(0)
     channels = (32, 32, 32, 32) if SMOKE else (128, 256, 512, 512)
-    vae = AutoencoderKLTemporalDecoder(block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
-                                       layers_per_block=1 if SMOKE else 2, latent_channels=4, sample_size=768,
-                                       scaling_factor=0.18215)
+    return AutoencoderKLTemporalDecoder(block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
+                                        layers_per_block=1 if SMOKE else 2, latent_channels=4, sample_size=768,
+                                        scaling_factor=0.18215)
+
+
+def build_vae(dtype: torch.dtype):
+    torch.manual_seed(0)
+    vae = svd_vae()
     for name, p in vae.named_parameters():
         if name.endswith("mix_factor"):
             p.data.fill_(0.5)  # both paths of the spatio-temporal mix matter

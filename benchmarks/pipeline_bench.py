@@ -36,9 +36,7 @@ FAST_MODE_STEPS = 14
 
 def write_full_size_models(outdir: Path) -> Path:
     """Random-weight stand-ins of the three real models, in the formats the tool loads."""
-    from diffusers import AutoencoderKLTemporalDecoder
-
-    from bench import build_model
+    from bench import build_model, svd_vae
     from venhancer.text_encoder import TextEncoder, TextModelConfig
 
     unet = build_model(torch.float16)
@@ -48,11 +46,7 @@ def write_full_size_models(outdir: Path) -> Path:
     text = TextEncoder(TextModelConfig.for_arch("ViT-H-14")).half()
     save_file({k: v.detach().contiguous() for k, v in text.state_dict().items()}, str(outdir / "text_encoder.safetensors"))
     del text
-    # Stable Video Diffusion's VAE: the SD encoder (128-256-512-512, 2 layers per block) with
-    # the temporal decoder.
-    vae = AutoencoderKLTemporalDecoder(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                       layers_per_block=2, latent_channels=4, sample_size=768, scaling_factor=0.18215)
-    vae.half().save_pretrained(outdir / "vae", variant="fp16")
+    svd_vae().half().save_pretrained(outdir / "vae", variant="fp16")
     config = {
         "checkpoints": {"local_dir": ".", "paths": {"v1": "unet.safetensors", "v2": "unet.safetensors"}},
         "text_encoder": {"path": "text_encoder.safetensors"},
