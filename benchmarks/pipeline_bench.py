@@ -57,20 +57,26 @@ def write_full_size_models(outdir: Path) -> Path:
     return path
 
 
-def warm_start_seconds(cmd: list[str], env: dict[str, str] | None = None) -> float:
+def warm_start_seconds(cmd: list[str], env: dict[str, str] | None = None, timeline: Path | None = None) -> float:
     """Process start to the first denoising step of a second run of the same command, as in a
     shell loop over a folder: weights, the fp16 network copy and the compiled Triton kernels are
-    on local disk by then. The run is stopped once denoising starts."""
+    on local disk by then. The run is stopped once denoising starts. `timeline`: run it with
+    `--log_level debug` and save its log there (every line stamped with seconds since start)."""
     start = time.time()
-    proc = subprocess.Popen([*cmd, "--overwrite"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    extra = ["--overwrite", *(["--log_level", "debug"] if timeline else [])]
+    proc = subprocess.Popen([*cmd, *extra], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines = []
     try:
         for line in proc.stderr:
+            lines.append(line)
             if "denoising:" in line:
                 return time.time() - start
         raise RuntimeError(f"second run ended (exit {proc.wait()}) before denoising started")
     finally:
         proc.kill()
         proc.wait()
+        if timeline is not None:
+            timeline.write_text("".join(lines))
 
 
 def run_pipeline(args) -> int:
@@ -100,7 +106,7 @@ def run_pipeline(args) -> int:
         print(proc.stderr[-5000:], file=sys.stderr)
         return proc.returncode
     sidecar = json.loads((save_dir / (clip.stem + ".json")).read_text())
-    warm_startup = warm_start_seconds(cmd)
+    warm_startup = warm_start_seconds(cmd, timeline=out_dir / "warm_start_timeline.log")
     # The same without the GPU warm-up thread (venhancer.warmup), for its effect.
     warm_startup_no_warmup = warm_start_seconds(cmd, env=dict(os.environ, VENHANCER_CUDA_WARMUP="0"))
     timings = sidecar["timings_s"]

@@ -351,7 +351,7 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
         if share_videos:
             mine = shard_videos(mine, dist.rank, dist.world_size)
         elif dist.enabled:
-            enhancer.sharding = WindowSharding(dist, device)
+            enhancer.sharding = WindowSharding(dist, device, local=enhancer.local_evaluator)
         # Sharing windows, rank 0 reports for all (the others fail with it, or for it).
         report = dist.is_main or share_videos
         for index, job in mine:

@@ -34,8 +34,10 @@ from tqdm import tqdm
 from venhancer import __version__
 from venhancer.config import EnhancerConfig, PlanningConfig, load_config
 from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
+from venhancer.diffusion.chunking import evaluate_sequential, evaluate_shared_prefix
 from venhancer.distributed import PeerOutOfMemory, solo
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
+from venhancer.offload import HostCopy
 from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
 from venhancer.planning import (
     chunk_windows,
@@ -301,13 +303,24 @@ class Enhancer:
         # device only for that (1.4 GB less held while denoising).
         self.text_encoder = load_text_encoder(text_path, model_cfg=self.config.text_encoder.model_cfg,
                                               device="cpu", dtype=torch.float32)
+        # Pinned for a fast copy in; no copy back (measured on an H100: 1.6 s per video before).
+        self.text_weights = HostCopy(self.text_encoder, pin=self.device.type == "cuda")
         self.load_timings["load_text_encoder"] = time.perf_counter() - start
         start = time.perf_counter()
         logger.info("loading VAE %s", vae_source)
         self.vae = load_vae(vae_source, device=self.device, dtype=self.dtype)
         if self.device.type == "cuda":
             optimize_vae(self.vae)
+        # In low-VRAM mode the VAE waits in (pinned) CPU memory while the network runs.
+        self.vae_weights = HostCopy(self.vae) if self.low_vram and self.device.type == "cuda" else None
         self.load_timings["load_vae"] = time.perf_counter() - start
+
+    @property
+    def local_evaluator(self):
+        """How this process runs its network evaluations: the guidance branches of a window
+        together, sharing the text-free first layers (not in low-VRAM mode: their activations
+        stay in memory meanwhile)."""
+        return evaluate_sequential if self.low_vram else evaluate_shared_prefix
 
     def _choose_low_vram(self, requested: bool | None) -> bool:
         if requested is not None:
@@ -406,15 +419,15 @@ class Enhancer:
     @contextmanager
     def _vae_offloaded(self) -> Iterator[None]:
         """In low-VRAM mode the VAE waits in CPU memory while the network runs."""
-        if not (self.low_vram and self.device.type == "cuda"):
+        if self.vae_weights is None:
             yield
             return
-        self.vae.to("cpu")
+        self.vae_weights.leave()
         torch.cuda.empty_cache()  # the encoder's full-resolution transients
         try:
             yield
         finally:
-            self.vae.to(self.device)
+            self.vae_weights.visit(self.device)
 
     def _together(self):  # -> context manager yielding a venhancer.distributed.Agreement
         return solo() if self.sharding is None else self.sharding.together()
@@ -460,11 +473,11 @@ class Enhancer:
         return torch.cat(latents, dim=2)
 
     def _encode_text(self, prompt: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        self.text_encoder.to(self.device)
+        self.text_weights.visit(self.device)
         try:
             emb, truncated = self.text_encoder.encode([build_caption(prompt), NEGATIVE_PROMPT])
         finally:
-            self.text_encoder.to("cpu")
+            self.text_weights.leave()
         if truncated[0]:
             logger.warning("%s: the caption (prompt + quality suffix) is longer than the text encoder's "
                            "77 tokens; the words past the limit are ignored", path.name)
@@ -506,7 +519,7 @@ class Enhancer:
                 x0 = sample(self.unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
                             guide_scale=options.cfg, guide_rescale=GUIDE_RESCALE, windows=plan.windows,
                             generator=generator, callback=step_done,
-                            evaluate=None if shard is None else shard.evaluate)
+                            evaluate=self.local_evaluator if shard is None else shard.evaluate)
         except Exception as exc:
             if shard is not None:
                 shard.finish(exc)  # the other processes learn of it, then all stop

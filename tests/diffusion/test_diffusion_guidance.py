@@ -114,3 +114,43 @@ def test_denoiser_validation():
         GuidedDenoiser(frame_local_model, cond, uncond, guide_rescale=1.5)
     with pytest.raises(ValueError, match="windows"):
         GuidedDenoiser(frame_local_model, cond, uncond, windows=[(0, 5), (3, 8)])(x, torch.tensor(2.0))
+
+
+class _BranchModel:
+    """frame_local_model with a forward_branches that records its calls."""
+
+    def __init__(self):
+        self.branch_calls = []
+        self.single_calls = 0
+
+    def __call__(self, x, t, **kwargs):
+        self.single_calls += 1
+        return frame_local_model(x, t, **kwargs)
+
+    def forward_branches(self, x, t, contexts, **kwargs):
+        self.branch_calls.append(len(contexts))
+        return [frame_local_model(x, t, y=y, **kwargs) for y in contexts]
+
+
+def test_shared_prefix_evaluator_groups_the_branches_of_each_window():
+    from venhancer.diffusion.chunking import evaluate_shared_prefix
+
+    x, cond, uncond = _branches(frames=9, k=3)
+    sigma = sampling_sigmas("fast")[3]
+    windows = [(0, 6), (4, 9)]
+    want = GuidedDenoiser(frame_local_model, cond, uncond, windows=windows, evaluate=evaluate_sequential)(x, sigma)
+    model = _BranchModel()
+    got = GuidedDenoiser(model, cond, uncond, windows=windows, evaluate=evaluate_shared_prefix)(x, sigma)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert model.branch_calls == [2, 2] and model.single_calls == 0
+    # Branches that differ in more than the text (here the hint) are evaluated one by one.
+    other = {**uncond, "hint": uncond["hint"] + 1}
+    model = _BranchModel()
+    want = GuidedDenoiser(frame_local_model, cond, other, windows=windows, evaluate=evaluate_sequential)(x, sigma)
+    got = GuidedDenoiser(model, cond, other, windows=windows, evaluate=evaluate_shared_prefix)(x, sigma)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert model.branch_calls == [] and model.single_calls == 4
+    # A plain function (no forward_branches) is evaluated job by job.
+    rec = Recorder(frame_local_model)
+    GuidedDenoiser(rec, cond, uncond, windows=windows, evaluate=evaluate_shared_prefix)(x, sigma)
+    assert len(rec.calls) == 4

@@ -89,6 +89,40 @@ def test_add_with_bias_keeps_layout():
     assert (got - (a + b + bias[:, None, None, None])).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_geglu_matmul_matches_eager(dtype, tol):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 37, 48, generator=gen)  # 74 rows: a partial row tile; K = 48 = 3 x 16
+    weight = torch.randn(2 * 80, 48, generator=gen) / 7  # hidden 80: a partial column tile
+    bias = torch.randn(2 * 80, generator=gen)
+    value, gate = F.linear(x.double(), weight.double(), bias.double()).chunk(2, dim=-1)
+    want = value * F.gelu(gate)
+    assert kernels.matmul_supported(x.to(dtype), weight.to(dtype))
+    got = kernels.geglu_matmul(x.to(dtype), weight.to(dtype), bias.to(dtype))
+    assert got.shape == (2, 37, 80) and got.dtype == dtype
+    assert (got.double() - want).abs().max() / want.abs().max() < tol
+
+
+def test_linear_add_contiguous_and_strided():
+    gen = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(40, 64, generator=gen) / 8, torch.randn(40, generator=gen)
+    x = torch.randn(1, 3 * 5, 64, generator=gen)  # 3 frames x 5 pixels, frame-major
+    residual = torch.randn(1, 15, 40, generator=gen)
+    want = residual.double() + F.linear(x.double(), weight.double(), bias.double())
+    assert kernels.linear_add_supported(x, weight, residual)
+    assert (kernels.linear_add(x, weight, bias, residual).double() - want).abs().max() < 1e-5
+    # A range of 5 pixels out of 9 in each of 3 frames, read and written in place by stride.
+    video = torch.randn(3, 9, 40, generator=gen)
+    out = torch.zeros(3, 9, 40)
+    cols = slice(2, 7)
+    want = video[:, cols].double() + F.linear(x.double(), weight.double(), bias.double()).view(3, 5, 40)
+    assert kernels.linear_add_supported(x, weight, video[:, cols], out[:, cols])
+    kernels.linear_add(x, weight, bias, video[:, cols], out=out[:, cols])
+    assert (out[:, cols].double() - want).abs().max() < 1e-5
+    assert out[:, :2].abs().max() == 0 and out[:, 7:].abs().max() == 0  # nothing written outside
+    assert not kernels.linear_add_supported(x, weight, video[:, cols].transpose(0, 1))
+
+
 def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
     """Wrap the named `kernels` functions so that each call is counted in the returned dict."""
     calls = dict.fromkeys(names, 0)
@@ -104,7 +138,7 @@ def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
 
 
 def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_case, monkeypatch):
-    calls = count_kernel_calls(monkeypatch, ["group_norm", "geglu", "layer_norm", "add_with_bias"])
+    calls = count_kernel_calls(monkeypatch, ["group_norm", "geglu", "geglu_matmul", "layer_norm", "add_with_bias", "linear_add"])
     supported = []
     forward = GroupNorm32.forward
 
@@ -118,11 +152,13 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
         out = model(*call_args(tiny_case))
     # Every GroupNorm input of a layout the kernel takes went through it (on the CPU the
     # temporal Conv3d returns channels-first 5-D tensors, which fall back to eager), and so did
-    # every GEGLU.
+    # every GEGLU (the tiny model's widths take the fused projection, as do its residual Linears:
+    # 3 per transformer block, plus each transformer's output projection).
     assert calls["group_norm"] == sum(supported) >= len(supported) / 2, (calls, len(supported))
-    assert calls["geglu"] >= sum(isinstance(m, GEGLU) for m in model.modules()), calls
+    assert calls["geglu_matmul"] >= sum(isinstance(m, GEGLU) for m in model.modules()) and calls["geglu"] == 0, calls
     blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
     assert calls["layer_norm"] >= 3 * blocks and calls["add_with_bias"] > 0, calls
+    assert calls["linear_add"] >= 4 * blocks, calls
     assert rel_l2(out, tiny_case["out"]) <= 1e-4
     assert max_abs(out, tiny_case["out"]) <= 2e-5
 

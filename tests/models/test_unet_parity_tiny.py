@@ -143,3 +143,33 @@ def test_other_latent_sizes_and_frame_counts_run(tiny_model):
     with torch.no_grad():
         out = tiny_model(x, 500, y, hint, 0, 8, [[0, -1]])
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_branches_share_the_text_free_layers(tiny_model, tiny_case, monkeypatch):
+    """forward_branches gives each text context exactly what forward gives it, and runs the
+    layers before the first text-reading one (block 0 and the next ResBlock of both encoders)
+    once for all branches."""
+    from venhancer.models.layers import ResBlock
+
+    x, t, y, hint, t_hint, s_cond, mask = call_args(tiny_case)
+    contexts = [y, torch.flip(y, dims=[1]) * 0.5 - 0.25, -y]
+    calls = {"n": 0}
+    forward = ResBlock.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResBlock, "forward", counted)
+    with torch.no_grad():
+        singles = [tiny_model(x, t, yi, hint, t_hint, s_cond, mask) for yi in contexts]
+        per_forward = calls["n"] // len(contexts)
+        calls["n"] = 0
+        shared = tiny_model.forward_branches(x, t, contexts, hint, t_hint, s_cond, mask)
+    assert rel_l2(shared[0], tiny_case["out"]) <= REL_L2
+    for got, want in zip(shared, singles):
+        assert torch.equal(got, want)
+    # One ResBlock per encoder (UNet, ControlNet) runs once instead of once per branch.
+    assert calls["n"] == len(contexts) * per_forward - 2 * (len(contexts) - 1)
+    with pytest.raises(ValueError, match="one shape"):
+        tiny_model.forward_branches(x, t, [y, y[:, :5]], hint, t_hint, s_cond, mask)

@@ -26,6 +26,7 @@ __all__ = [
     "slice_window_kwargs",
     "evaluate_sequential",
     "evaluate_batched",
+    "evaluate_shared_prefix",
     "blend_time",
     "merge_windows",
 ]
@@ -103,6 +104,45 @@ def evaluate_batched(model: ModelFn, jobs: Sequence[Job]) -> list[Tensor]:
             t = torch.cat([job.t for job in group], dim=0)
             out = model(x, t, **_concat_kwargs(group))
             outputs.extend(out.split([job.x.shape[0] for job in group], dim=0))
+        i = j
+    return outputs
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    """Whether two keyword values are one and the same input (tensors: the same view of the same
+    memory, which needs no device sync to check)."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a is b or (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+                          and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+    return a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b)
+
+
+def _differ_only_in_text(a: Job, b: Job) -> bool:
+    return (a.window == b.window and _same_view(a.x, b.x) and _same_view(a.t, b.t)
+            and a.kwargs.keys() == b.kwargs.keys() and "y" in a.kwargs
+            and all(_same_view(a.kwargs[k], b.kwargs[k]) for k in a.kwargs if k != "y"))
+
+
+def evaluate_shared_prefix(model: ModelFn, jobs: Sequence[Job]) -> list[Tensor]:
+    """:func:`evaluate_sequential`, except that consecutive jobs differing only in their text
+    context ``y`` (the guidance branches of a window) go to ``model.forward_branches(x, t, [y, ...],
+    **other kwargs)`` together when the model has that method, which computes the layers before
+    the first text-reading one once. Same outputs, fewer operations, a little more memory."""
+    forward_branches = getattr(model, "forward_branches", None)
+    if forward_branches is None:
+        return evaluate_sequential(model, jobs)
+    outputs: list[Tensor] = []
+    i = 0
+    while i < len(jobs):
+        j = i + 1
+        while j < len(jobs) and _differ_only_in_text(jobs[i], jobs[j]):
+            j += 1
+        first = jobs[i]
+        if j == i + 1:
+            outputs.append(model(first.x, first.t, **first.kwargs))
+        else:
+            shared = {k: v for k, v in first.kwargs.items() if k != "y"}
+            outputs.extend(forward_branches(first.x, first.t, [job.kwargs["y"] for job in jobs[i:j]], **shared))
         i = j
     return outputs
 

@@ -132,6 +132,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     d = inner // heads
     backend = _backend_for(q.device)
     step = max(1, MAX_ATTENTION_BATCH_HEADS // heads)
+    if batch <= step:
+        o = _attend(q.reshape(batch, n, heads, d), k.reshape(batch, m, heads, d), v.reshape(batch, m, heads, d), backend)
+        # The fused kernels write (B, N, heads, d) memory: the merge of the heads is then free.
+        return o.reshape(batch, n, inner)
     out = torch.empty((batch, n, inner), dtype=q.dtype, device=q.device)
     for start in range(0, batch, step):
         stop = min(start + step, batch)
@@ -167,6 +171,20 @@ def attention_over_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     return out
 
 
+def linear_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, fused: bool,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + x @ weight.T + bias, x's rows matching residual's in order; written into `out`
+    (residual's shape and strides) when given, instead of a temporary and a copy.
+
+    `fused`: one Triton pass (the sum in the matmul's epilogue) for inputs up to
+    `kernels.LINEAR_ADD_MAX_DIM` wide, where that beat cuBLAS and a separate add."""
+    if (fused and kernels.runs_on(x) and x.shape[-1] <= kernels.LINEAR_ADD_MAX_DIM
+            and kernels.linear_add_supported(x, weight, residual, out)):
+        return kernels.linear_add(x, weight, bias, residual, out=out)
+    y = F.linear(x, weight, bias).view(residual.shape)
+    return residual + y if out is None else torch.add(residual, y, out=out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------
@@ -184,14 +202,15 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         # A list so the output Linear is `to_out.0` as in the checkpoint (index 1 was a Dropout).
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.fused = False  # output projection + residual in one kernel (set by optimize)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_repeats: int = 1,
-                frames: int | None = None) -> torch.Tensor:
+                frames: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, query_dim). context: (B / context_repeats, M, context_dim) or None for
         self-attention; each context row serves `context_repeats` consecutive rows of x (one
         text context per video serves all its frames), so k/v are projected once per video.
         `frames`: x holds frame-major tokens and self-attention runs along the frame axis
-        (`attention_over_frames`)."""
+        (`attention_over_frames`). `residual` (x's shape), if given, is added to the output."""
         q = self.to_q(x)
         if context is None:
             k = self.to_k(x)
@@ -207,7 +226,9 @@ class Attention(nn.Module):
             out = attention_over_frames(q, k, v, self.heads, frames)
         else:
             out = attention(q, k, v, self.heads)
-        return self.to_out[0](out)
+        if residual is None:
+            return self.to_out[0](out)
+        return linear_plus(out, self.to_out[0].weight, self.to_out[0].bias, residual, self.fused)
 
 
 class GEGLU(nn.Module):
@@ -219,6 +240,11 @@ class GEGLU(nn.Module):
         self.fused = False  # one Triton pass instead of gelu + multiply (set by optimize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.fused and kernels.runs_on(x) and x.shape[-1] <= kernels.GEGLU_MATMUL_MAX_DIM
+                and kernels.matmul_supported(x, self.proj.weight)):
+            # Narrow inputs: the gate in the projection's epilogue (the 2*hidden-wide
+            # projection never goes to memory); wider ones run faster on cuBLAS.
+            return kernels.geglu_matmul(x, self.proj.weight, self.proj.bias)
         proj = self.proj(x)
         if self.fused and kernels.runs_on(proj):
             return kernels.geglu(proj)
@@ -232,9 +258,14 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.fused = False  # see `linear_plus` (set by optimize)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """FF(x), or residual + FF(x) (into `out` if given)."""
+        hidden = self.net[0](x)
+        if residual is None:
+            return self.net[2](hidden)
+        return linear_plus(hidden, self.net[2].weight, self.net[2].bias, residual, self.fused, out=out)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -273,19 +304,19 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_repeats: int = 1,
                 frames: int | None = None) -> torch.Tensor:
         """`frames`: x is frame-major and both attentions run along the frames (temporal)."""
-        x = x + self.attn1(self.norm1(x), frames=frames)
-        x = x + self.attn2(self.norm2(x), context, context_repeats, frames=frames)
+        x = self.attn1(self.norm1(x), frames=frames, residual=x)
+        x = self.attn2(self.norm2(x), context, context_repeats, frames=frames, residual=x)
         return self._feed_forward(x)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         chunk = self.ff_chunk_tokens
         tokens = x.reshape(-1, x.shape[-1])  # (all tokens, dim)
         if chunk is None or tokens.shape[0] <= chunk:
-            return x + self.ff(self.norm3(x))
+            return self.ff(self.norm3(x), residual=x)
         out = torch.empty_like(tokens)
         for start in range(0, tokens.shape[0], chunk):
             part = tokens[start : start + chunk]
-            out[start : start + chunk] = part + self.ff(self.norm3(part))
+            self.ff(self.norm3(part), residual=part, out=out[start : start + chunk])
         return out.view_as(x)
 
 
@@ -317,6 +348,7 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, context_dim=context_dim)])
         self.proj_out = nn.Linear(inner, channels)
         self.frame_chunk: int | None = None
+        self.fused = False  # see `linear_plus` (set by optimize)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: ((b f), c, h, w); context: (b, M, context_dim), shared by the f frames of a video.
@@ -332,18 +364,28 @@ class SpatialTransformer(nn.Module):
             for start in range(0, num_frames, step):
                 first = item * num_frames + start
                 count = min(step, num_frames - start)
-                out[first : first + count] = self._run_frames(x[first : first + count], context[item : item + 1], count)
+                self._run_frames(x[first : first + count], context[item : item + 1], count, out=out[first : first + count])
         return out
 
-    def _run_frames(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def _run_frames(self, x: torch.Tensor, context: torch.Tensor, num_frames: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """The block on frames x; the result is written into `out` (x's shape and layout) if given."""
         bf, c, h, w = x.shape
         tokens = self.norm(x)
         tokens = tokens.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # ((b f), h*w, c)
         tokens = self.proj_in(tokens)
         tokens = self.transformer_blocks[0](tokens, context, context_repeats=num_frames)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last frames are token-major in memory: ((b f), c, h, w) -> ((b f), h*w, c) views
+            residual = x.permute(0, 2, 3, 1).view(bf, h * w, c)
+            target = None if out is None else out.permute(0, 2, 3, 1).view(bf, h * w, c)
+            y = linear_plus(tokens, self.proj_out.weight, self.proj_out.bias, residual, self.fused, out=target)
+            return y.view(bf, h, w, c).permute(0, 3, 1, 2)
         tokens = self.proj_out(tokens)
         # ((b f), h*w, c) -> ((b f), c, h, w) as a strided view; the add writes a contiguous result
-        return x + tokens.view(bf, h, w, c).permute(0, 3, 1, 2)
+        if out is None:
+            return x + tokens.view(bf, h, w, c).permute(0, 3, 1, 2)
+        return torch.add(x, tokens.view(bf, h, w, c).permute(0, 3, 1, 2), out=out)
 
 
 class TemporalTransformer(nn.Module):
@@ -361,6 +403,7 @@ class TemporalTransformer(nn.Module):
         # instead of transposing to one sequence per pixel and back (two full copies).
         self.frame_major = False
         self.chunk_tokens: int | None = None
+        self.fused = False  # see `linear_plus` (set by optimize)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: ((b f), c, h, w) -> same shape."""
@@ -401,7 +444,7 @@ class TemporalTransformer(nn.Module):
                 # gathers them into one matrix)
                 tokens = self.proj_in(normed_tokens[item, :, cols].reshape(1, f * count, c))
                 tokens = self.transformer_blocks[0](tokens, frames=f)
-                tokens = self.proj_out(tokens)
-                out_tokens[item, :, cols] = x_tokens[item, :, cols] + tokens.view(f, count, c)
+                linear_plus(tokens, self.proj_out.weight[:, :, 0], self.proj_out.bias, x_tokens[item, :, cols],
+                            self.fused, out=out_tokens[item, :, cols])
         return out
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import build_encoder, build_middle
+from .blocks import EncoderState, build_encoder, build_middle, encode_rest, encode_text_free
 from .config import UNetConfig
 from .inputs import NetworkInputs, prepare_inputs
 from .layers import EmbeddingMLP, timestep_sinusoid
@@ -51,10 +51,16 @@ class VideoControlNet(nn.Module):
 
     def run(self, inp: NetworkInputs) -> list[torch.Tensor]:
         """`forward` on already validated inputs (the UNet validates once for both networks)."""
+        state = self.start(inp)
+        return state.outputs + self.finish(state, inp.y, consume=True)
+
+    def start(self, inp: NetworkInputs) -> EncoderState:
+        """Every layer before the first one that reads the text: its results serve all guidance
+        branches (`finish` takes one text context each). `state.outputs` holds the residuals of
+        the encoder blocks completed so far."""
         b, c, f, h, w = inp.x.shape
         emb = self.frame_embedding(inp.t, inp.t_hint, inp.s_cond, inp.mask_cond)  # ((b f), embed_dim)
         hint_add = self.hint_features(inp.hint, inp.mask_cond)  # ((b f), hint_dim, h, w)
-        context = inp.y  # (b, M, context_dim), shared by the frames of each item
 
         x = inp.x.transpose(1, 2).reshape(b * f, c, h, w)  # (b, c, f, h, w) -> ((b f), c, h, w)
         stem_conv, first_temporal = self.input_blocks[0]
@@ -62,11 +68,16 @@ class VideoControlNet(nn.Module):
         # The hint enters once, between block 0's conv and its temporal transformer.
         x = x + hint_add
         x = first_temporal(x, f)
-        outputs = [self.zero_convs[0](x)]
-        for block, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):
-            x = block(x, emb, context, f)
-            outputs.append(zero_conv(x))
-        x = self.middle_block(x, emb, context, f)
+        return encode_text_free(self.input_blocks, x, emb, f, first=1, outputs=[self.zero_convs[0](x)],
+                                keep=lambda index, out: self.zero_convs[index](out))
+
+    def finish(self, state: EncoderState, context: torch.Tensor, consume: bool = False) -> list[torch.Tensor]:
+        """The residuals after `state.outputs`, for text context (b, M, context_dim). `consume`:
+        the state's last use (its activation is released as the blocks go)."""
+        outputs = []
+        x = encode_rest(self.input_blocks, state, context, consume=consume,
+                        keep=lambda index, out: outputs.append(self.zero_convs[index](out)))
+        x = self.middle_block(x, state.emb, context, state.num_frames)
         outputs.append(self.middle_block_out(x))
         return outputs
 

@@ -3,7 +3,8 @@
 `optimize_for_inference` rewires a loaded `VEnhancerUNet` in place:
 - SiLU folded into the GroupNorm before it, the ResBlocks' time-embedding add and the conv
   biases folded into the GroupNorm or residual add after them, and on CUDA Triton kernels for
-  GroupNorm(+SiLU), LayerNorm, the GEGLU gate and bias+residual adds (`venhancer.models.kernels`);
+  GroupNorm(+SiLU), LayerNorm, the GEGLU gate and bias+residual adds, and for the narrow
+  Linears a matmul with the GEGLU gate or the residual add in its epilogue (`venhancer.models.kernels`);
 - channels-last weights, so convolutions run in cuDNN's native NHWC layout and the per-frame
   activations keep one layout through convs, norms, the spatial transformers (whose token view
   becomes free), the temporal convs (a channels-last-3d view of the same memory) and the
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import GEGLU, LayerNorm, SpatialTransformer, TemporalTransformer, TransformerBlock, set_tuned_sdpa
+from .attention import (GEGLU, Attention, FeedForward, LayerNorm, SpatialTransformer, TemporalTransformer, TransformerBlock,
+                        set_tuned_sdpa)
 from .layers import GroupNorm32, ResBlock, TemporalConvBlock, Upsample
 
 
@@ -66,7 +68,7 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
                 if isinstance(module[i], GroupNorm32) and isinstance(module[i + 1], nn.SiLU):
                     module[i].apply_silu = True
                     module[i + 1] = nn.Identity()
-        if isinstance(module, (GroupNorm32, GEGLU, LayerNorm)):
+        if isinstance(module, (GroupNorm32, GEGLU, LayerNorm, Attention, FeedForward, SpatialTransformer, TemporalTransformer)):
             module.fused = options.fused_kernels
         if isinstance(module, (ResBlock, TemporalConvBlock)):
             module.fold_conv_bias = options.fused_kernels

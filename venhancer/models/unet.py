@@ -3,14 +3,16 @@ layers) steered by a video ControlNet. Its `state_dict()` is the published check
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from .attention import TransformerBlock
-from .blocks import build_decoder, build_encoder, build_middle
+from .blocks import EncoderState, build_decoder, build_encoder, build_middle, encode_rest, encode_text_free
 from .config import UNetConfig
 from .controlnet import VideoControlNet, model_input_dtype
-from .inputs import prepare_inputs
+from .inputs import NetworkInputs, prepare_inputs
 from .layers import EmbeddingMLP, GroupNorm32, timestep_sinusoid
 
 
@@ -54,44 +56,86 @@ class VEnhancerUNet(nn.Module):
         Returns v (b, out_dim, f, h, w) in x's dtype; with `return_control=True`, `(v, control)`
         where control is the ControlNet's list of 13 per-frame tensors.
         """
+        inp = self._prepare(x, t, y, hint, t_hint, s_cond, mask_cond)
+        # The ControlNet first, then the UNet: only the ControlNet's outputs are held across.
+        control_state = self.VideoControlNet.start(inp)
+        control = control_state.outputs + self.VideoControlNet.finish(control_state, inp.y, consume=True)
+        del control_state
+        returned = list(control) if return_control else None
+        state = self._start(inp, control)
+        v = self._finish(state, inp.y, control, x.dtype, consume=True)
+        return (v, returned) if return_control else v
+
+    def forward_branches(self, x: torch.Tensor, t, contexts: Sequence[torch.Tensor], hint: torch.Tensor, t_hint, s_cond,
+                         mask_cond) -> list[torch.Tensor]:
+        """`[forward(x, t, y, ...) for y in contexts]` (the guidance branches), with everything
+        before the first text-reading layer (block 0 and the next ResBlock, of the UNet and of the
+        ControlNet) computed once for all. Costs two level-0 activations of memory while all
+        but the last branch run."""
+        inp = self._prepare(x, t, contexts[0], hint, t_hint, s_cond, mask_cond)
+        for y in contexts[1:]:
+            if y.shape != contexts[0].shape:
+                raise ValueError(f"all text contexts must have one shape, got {tuple(contexts[0].shape)} and {tuple(y.shape)}")
+        ys = [inp.y] + [y.to(inp.y.dtype) for y in contexts[1:]]
+        control_state = self.VideoControlNet.start(inp)
+        state = self._start(inp, control_state.outputs)
+        outputs = []
+        for i, y in enumerate(ys):
+            last = i == len(ys) - 1  # the shared activations are released as the last branch goes
+            control = [None] * state.block + self.VideoControlNet.finish(control_state, y, consume=last)
+            outputs.append(self._finish(state, y, control, x.dtype, consume=last))
+        return outputs
+
+    def _prepare(self, x, t, y, hint, t_hint, s_cond, mask_cond) -> NetworkInputs:
         cfg = self.config
-        out_dtype = x.dtype
-        inp = prepare_inputs(
+        return prepare_inputs(
             x, t, y, hint, t_hint, s_cond, mask_cond,
             in_dim=cfg.in_dim, context_dim=cfg.context_dim, num_levels=len(cfg.dim_mult),
             dtype=model_input_dtype(self, x.device),
         )
+
+    def _start(self, inp: NetworkInputs, control: list[torch.Tensor | None]) -> EncoderState:
+        """The UNet encoder up to its first text-reading layer. `control`: the ControlNet
+        residuals, one per encoder block in order (at least of the blocks completed here): each
+        is folded into its skip as soon as the skip exists, and its entry released."""
         b, c, f, h, w = inp.x.shape
-        control = self.VideoControlNet.run(inp)
-
-        emb = self.time_embed(timestep_sinusoid(inp.t, cfg.dim))  # (b, E)
+        emb = self.time_embed(timestep_sinusoid(inp.t, self.config.dim))  # (b, E)
         emb = emb.repeat_interleave(f, dim=0)  # ((b f), E)
-        context = inp.y  # (b, M, context_dim), shared by the frames of each item
-
         x = inp.x.transpose(1, 2).reshape(b * f, c, h, w)  # (b, c, f, h, w) -> ((b f), c, h, w)
-        # Each ControlNet residual is folded into its skip as soon as the skip exists, and
-        # released: the same sums the decoder would form, without holding both sets at once.
-        pending = list(control)
-        if not return_control:
-            control = None
-        skips = []
-        for i, block in enumerate(self.input_blocks):
-            x = block(x, emb, context, f)
-            skips.append(x + pending[i])
-            pending[i] = None
-        x = self.middle_block(x, emb, context, f)
-        x = x + pending.pop()
+
+        def skip(index: int, out: torch.Tensor) -> torch.Tensor:
+            folded = out + control[index]
+            control[index] = None
+            return folded
+
+        return encode_text_free(self.input_blocks, x, emb, f, first=0, keep=skip, outputs=[])
+
+    def _finish(self, state: EncoderState, context: torch.Tensor, control: list[torch.Tensor | None],
+                out_dtype: torch.dtype, consume: bool = False) -> torch.Tensor:
+        """The UNet from `state` on with one text context. `control`: the ControlNet residuals
+        indexed by encoder block (those from `state.block` on are used), then the middle block's.
+        `consume`: the last use of `state`, whose activations are then released as they go."""
+        f = state.num_frames
+        # Skips as a stack (consumed last-in first-out by the decoder); with `consume` the state's
+        # own list, so each skip is released once used.
+        skips = state.outputs if consume else list(state.outputs)
+
+        def skip(index: int, out: torch.Tensor) -> None:
+            skips.append(out + control[index])
+            control[index] = None
+
+        x = encode_rest(self.input_blocks, state, context, keep=skip, consume=consume)
+        x = self.middle_block(x, state.emb, context, f)
+        x = x + control[-1]
         for block in self.output_blocks:
-            # Skips are consumed last-in first-out; x comes first in the channel concatenation,
-            # which the block's ResBlock forms (per frame chunk when it runs in chunks).
-            x = block((x, skips.pop()), emb, context, f)
+            # x comes first in the channel concatenation, which the block's ResBlock forms (per
+            # frame chunk when it runs in chunks).
+            x = block((x, skips.pop()), state.emb, context, f)
         x = self.out(x)
 
-        v = x.reshape(b, f, -1, h, w).transpose(1, 2).to(out_dtype)  # ((b f), c, h, w) -> (b, c, f, h, w)
-        v = v.contiguous()
-        if return_control:
-            return v, control
-        return v
+        bf, c, h, w = x.shape
+        v = x.reshape(bf // f, f, c, h, w).transpose(1, 2).to(out_dtype)  # ((b f), c, h, w) -> (b, c, f, h, w)
+        return v.contiguous()
 
     def set_feed_forward_chunk_size(self, tokens: int | None) -> None:
         """Run every transformer feed-forward over at most `tokens` tokens at a time (None: all
