@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py forward  [--frames 31 40] [--ablations] [--profile] [--out bench_forward.json]
     python benchmarks/bench.py vae      [--out bench_vae.json]
+    python benchmarks/bench.py matmul   [--out bench_matmul.json]
     python benchmarks/bench.py pipeline [--steps 2] [--low_vram]
 
 `forward`: one network evaluation of both guidance branches for a temporal window at the seed
@@ -16,6 +17,9 @@ the FLOPs it performs), `optimized_low_vram` the `--low_vram` preset.
 `vae`: the temporal VAE (Stable Video Diffusion's config) as diffusers runs it (fp16) and as
 `optimize_vae` runs it: one decode tile (5 frames of latent 72x128, what the tiled decode calls
 282 times for the seed clip) and one encoded 1296x1920 frame (49 per seed clip).
+
+`matmul`: the fused Triton matmuls (GEGLU projection with its gate; Linear + residual add) against
+cuBLAS and a separate pass, at the network's shapes.
 
 `pipeline`: the seed clip (49 frames 720x480 at 8 fps, up_scale 4, target 24 fps, fast mode)
 end to end through the CLI in a fresh process, with random-weight checkpoints written to local
@@ -336,6 +340,50 @@ def run_vae(args) -> dict:
     return res
 
 
+# The network's narrow Linears at the seed clip's sizes: (tokens, input width, output width).
+GEGLU_SHAPES = [(2**18, 320, 1280), (2**18, 512, 2048), (2**18, 640, 2560)]
+RESIDUAL_SHAPES = [(8 * 38880, 320, 320), (2**18, 512, 512), (8 * 9720, 640, 640), (2**18, 1280, 320)]
+
+
+@torch.no_grad()
+def run_matmul(args) -> dict:
+    """The fused Triton matmuls against cuBLAS + a separate pass, per shape (the network uses the
+    fused ones only up to kernels.GEGLU_MATMUL_MAX_DIM / LINEAR_ADD_MAX_DIM wide inputs)."""
+    import torch.nn.functional as F
+
+    from venhancer.models import kernels
+
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    half = dict(device=DEVICE, dtype=torch.float16)
+    for kind, shapes in (("geglu", GEGLU_SHAPES), ("linear_add", RESIDUAL_SHAPES)):
+        for rows, dim, width in shapes:
+            x = torch.randn(rows, dim, generator=gen, **half)
+            out_width = 2 * width if kind == "geglu" else width
+            w = torch.randn(out_width, dim, generator=gen, **half) / dim**0.5
+            b = torch.randn(out_width, generator=gen, **half)
+            if kind == "geglu":
+                base, fused = (lambda: kernels.geglu(F.linear(x, w, b))), (lambda: kernels.geglu_matmul(x, w, b))
+            else:
+                r = torch.randn(rows, width, generator=gen, **half)
+                base, fused = (lambda: r + F.linear(x, w, b)), (lambda: kernels.linear_add(x, w, b, r))
+            ref = base().float()
+            err = float((fused().float() - ref).norm() / ref.norm())
+            t_base, t_fused = (statistics.median(cuda_time(fn, 5)) for fn in (base, fused))
+            used = dim <= (kernels.GEGLU_MATMUL_MAX_DIM if kind == "geglu" else kernels.LINEAR_ADD_MAX_DIM)
+            res["rows"].append({"kind": kind, "tokens": rows, "in": dim, "out": width, "cublas_s": t_base,
+                                "fused_s": t_fused, "rel_err": err, "used_by_network": used})
+    return res
+
+
+def print_matmul_table(res: dict) -> None:
+    print(f"\nFused matmuls on {res['gpu']} | torch {res['torch']}")
+    print(f"{'kernel':<12}{'tokens':>8}{'in':>6}{'out':>6}{'cuBLAS+pass ms':>16}{'fused ms':>10}{'speed-up':>10}{'rel err':>10}  used")
+    for r in res["rows"]:
+        print(f"{r['kind']:<12}{r['tokens']:>8}{r['in']:>6}{r['out']:>6}{1e3 * r['cublas_s']:>16.3f}{1e3 * r['fused_s']:>10.3f}"
+              f"{r['cublas_s'] / r['fused_s']:>10.2f}{r['rel_err']:>10.1e}  {'yes' if r['used_by_network'] else 'no'}")
+
+
 def print_vae_table(res: dict) -> None:
     rows = res["rows"]
     print(f"\nTemporal VAE on {res['gpu']} | torch {res['torch']}")
@@ -350,7 +398,7 @@ def print_vae_table(res: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["forward", "vae", "pipeline"])
+    parser.add_argument("part", choices=["forward", "vae", "matmul", "pipeline"])
     parser.add_argument("--frames", type=int, nargs="+", default=[31, 40])
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--ablations", action="store_true")
@@ -372,6 +420,13 @@ def main(argv=None) -> int:
             for name, ms, count in prof["kernels"]:
                 print(f"{ms:>9.1f} ms {count:>6}  {name}")
         print_forward_table(res)
+    elif args.part == "matmul":
+        if SMOKE:
+            print("the matmul part needs a CUDA GPU (Triton kernels)", file=sys.stderr)
+            return 2
+        res = run_matmul(args)
+        Path(args.out or os.path.join(os.environ.get("OUT", "."), "bench_matmul.json")).write_text(json.dumps(res, indent=1))
+        print_matmul_table(res)
     elif args.part == "vae":
         res = run_vae(args)
         out = args.out or os.path.join(os.environ.get("OUT", "."), "bench_vae.json")

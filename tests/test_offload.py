@@ -9,7 +9,7 @@ from venhancer.offload import HostCopy
 def test_visit_and_leave_swap_storage_without_copying_back():
     module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    copy = HostCopy(module, pin=False)  # pinning needs CUDA; the swapping logic is the same
+    copy = HostCopy(module)
     home_ptrs = [h.data_ptr() for h in copy.home]
     assert len(home_ptrs) == len(before)  # parameters and buffers
     assert [t.data_ptr() for t in copy.tensors] == home_ptrs  # a CPU module keeps one copy

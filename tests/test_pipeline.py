@@ -183,15 +183,27 @@ def test_low_vram_mode_same_result_in_smaller_passes(enhancer, clip, tmp_path, m
         return real(vae, x0, **kwargs)
 
     Spy(monkeypatch, "decode_tiled", keep)
+    shared_calls = []
+    forward_branches = type(enhancer.unet).forward_branches
+
+    def counted(self, *args, **kwargs):
+        shared_calls.append(self is small.unet)
+        return forward_branches(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(enhancer.unet), "forward_branches", counted)
     settings = dict(up_scale=2, target_fps=16, solver_mode="normal", steps=2)
-    enhancer.enhance(clip, save_dir=tmp_path / "normal", **settings)
+    normal = enhancer.enhance(clip, save_dir=tmp_path / "normal", **settings)
     result = small.enhance(clip, save_dir=tmp_path / "low", **settings)
+    # The normal mode evaluates both guidance branches of each window together (sharing their
+    # first layers); low-VRAM mode one after the other.
+    assert shared_calls and not any(shared_calls)
+    assert json.loads(normal.sidecar_path.read_text())["model"]["shared_branch_prefix"] is True
     # Float32 sums in other groupings (kernel batch sizes), through two solver steps: ~1e-5 of
     # latents of size ~1; a wrong chunk (a frame normalised with another) would be off by ~1.
     assert latents[0].abs().max() > 0.5
     torch.testing.assert_close(latents[1], latents[0], atol=2e-4, rtol=1e-3)
     sidecar = json.loads(result.sidecar_path.read_text())
-    assert sidecar["model"]["low_vram"] is True
+    assert sidecar["model"]["low_vram"] is True and sidecar["model"]["shared_branch_prefix"] is False
     # One duration per solver step, which together make up (most of) the sampling phase.
     steps = sidecar["solver_steps_s"]
     assert len(steps) == 2 and all(t > 0 for t in steps)

@@ -62,8 +62,10 @@ LATENT_FACTOR = 8
 # Frames resized and padded at once before encoding: bounds the full-resolution float tensors.
 _FRAME_BATCH = 8
 # Automatic low-VRAM mode below this much free GPU memory at start: the default settings peak
-# at ~19 GB reserved on the seed clip (README, Performance).
+# at ~19 GB reserved on the seed clip with the guidance branches one after the other, ~23 GB when
+# they share their first layers (README, Performance), which needs this much free memory.
 LOW_VRAM_BELOW_GB = 21.0
+SHARED_BRANCH_PREFIX_FROM_GB = 26.0
 
 
 class EnhanceError(RuntimeError):
@@ -281,6 +283,7 @@ class Enhancer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress = progress
         self.low_vram = self._choose_low_vram(low_vram)
+        self.share_branch_prefix = self._choose_branch_sharing()
         self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
         self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
         self.solver_step_seconds: list[float] = []  # of the running video, one entry per solver step
@@ -303,24 +306,37 @@ class Enhancer:
         # device only for that (1.4 GB less held while denoising).
         self.text_encoder = load_text_encoder(text_path, model_cfg=self.config.text_encoder.model_cfg,
                                               device="cpu", dtype=torch.float32)
-        # Pinned for a fast copy in; no copy back (measured on an H100: 1.6 s per video before).
-        self.text_weights = HostCopy(self.text_encoder, pin=self.device.type == "cuda")
+        # It visits the GPU once per video; leaving needs no copy back (venhancer.offload).
+        self.text_weights = HostCopy(self.text_encoder)
         self.load_timings["load_text_encoder"] = time.perf_counter() - start
         start = time.perf_counter()
         logger.info("loading VAE %s", vae_source)
         self.vae = load_vae(vae_source, device=self.device, dtype=self.dtype)
         if self.device.type == "cuda":
             optimize_vae(self.vae)
-        # In low-VRAM mode the VAE waits in (pinned) CPU memory while the network runs.
+        # In low-VRAM mode the VAE waits in CPU memory while the network runs.
         self.vae_weights = HostCopy(self.vae) if self.low_vram and self.device.type == "cuda" else None
         self.load_timings["load_vae"] = time.perf_counter() - start
 
     @property
     def local_evaluator(self):
         """How this process runs its network evaluations: the guidance branches of a window
-        together, sharing the text-free first layers (not in low-VRAM mode: their activations
-        stay in memory meanwhile)."""
-        return evaluate_sequential if self.low_vram else evaluate_shared_prefix
+        together, sharing the text-free first layers, where memory allows (their activations
+        stay in memory meanwhile: ~1.7 GB more at the seed clip's size); else one by one."""
+        return evaluate_shared_prefix if self.share_branch_prefix else evaluate_sequential
+
+    def _choose_branch_sharing(self) -> bool:
+        if self.low_vram:
+            return False
+        if self.device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if free / 1e9 < SHARED_BRANCH_PREFIX_FROM_GB:
+            logger.info("%.1f GB GPU memory free: the guidance branches run one after the other (%.0f GB "
+                        "or more free lets them share their first layers, ~4%% faster)", free / 1e9,
+                        SHARED_BRANCH_PREFIX_FROM_GB)
+            return False
+        return True
 
     def _choose_low_vram(self, requested: bool | None) -> bool:
         if requested is not None:
@@ -569,7 +585,7 @@ class Enhancer:
             "seed": options.seed,
             "model": {"version": self.version, "checkpoint": str(self.unet_path),
                       "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                      "low_vram": self.low_vram},
+                      "low_vram": self.low_vram, "shared_branch_prefix": self.share_branch_prefix},
             "plan": {"inserted_frames": plan.k, "padding_lrtb": list(plan.padding),
                      "latent_size": list(plan.latent_size), "windows": [list(w) for w in plan.windows],
                      "network_evals": plan.network_evals, "start_t": T_MAX},

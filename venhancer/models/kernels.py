@@ -375,7 +375,8 @@ def add_with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch
 # residual 1.56x faster than cuBLAS + an add, for 512 the wide one 1.22x (from 640 on cuBLAS
 # wins); the GEGLU projection of 320-wide inputs ran 1.12x faster than cuBLAS + the gate kernel
 # (from 512 on, slower).
-LINEAR_ADD_CONFIGS = {320: (128, 64, 64, 4, 4), None: (128, 256, 64, 8, 3)}
+LINEAR_ADD_CONFIG_UP_TO_320 = (128, 64, 64, 4, 4)
+LINEAR_ADD_CONFIG = (128, 256, 64, 8, 3)
 GEGLU_MATMUL_CONFIG = (128, 128, 32, 8, 4)
 # Widest inputs for which the fused kernels are used.
 LINEAR_ADD_MAX_DIM = 512
@@ -444,7 +445,7 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residu
         if not residual.is_contiguous():
             raise ValueError("linear_add needs `out` for a strided residual")
         out = torch.empty_like(residual)
-    config = LINEAR_ADD_CONFIGS[320] if dim <= 320 else LINEAR_ADD_CONFIGS[None]
+    config = LINEAR_ADD_CONFIG_UP_TO_320 if dim <= 320 else LINEAR_ADD_CONFIG
     _launch_matmul(_linear_add_kernel, config, rows, n_out, dim, x, weight, bias, residual, out, rows, n_out, dim,
                    group_rows, group_stride)
     return out
