@@ -268,8 +268,10 @@ class WindowSharding:
     is an evaluator for :func:`venhancer.diffusion.sample`; ``together`` and ``begin``/``finish``
     make a failure on one process stop all of them; ``share`` broadcasts rank 0's tensors.
 
-    ``local`` evaluates this process's jobs; the default (one network call per job, as the single
-    process pipeline does) keeps the numbers independent of how jobs are shared out.
+    ``local`` evaluates this process's jobs: one network call per job by default; the CLI passes
+    the pipeline's own evaluator (``Enhancer.local_evaluator``: the two branches of a window, when
+    both land on this process, share their text-free first layers). Both give every job the same
+    output, so the numbers do not depend on how jobs are shared out.
     """
 
     def __init__(self, ctx: DistContext, device: torch.device, local: Evaluator = evaluate_sequential):
