@@ -36,9 +36,9 @@ from venhancer.config import EnhancerConfig, PlanningConfig, load_config
 from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
 from venhancer.diffusion.chunking import evaluate_sequential, evaluate_shared_prefix
 from venhancer.distributed import PeerOutOfMemory, solo
+from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
-from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
 from venhancer.planning import (
     chunk_windows,
     interp_frames,
@@ -282,8 +282,9 @@ class Enhancer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress = progress
-        self.low_vram = self._choose_low_vram(low_vram)
-        self.share_branch_prefix = self._choose_branch_sharing()
+        free_gb = torch.cuda.mem_get_info(self.device)[0] / 1e9 if self.device.type == "cuda" else None
+        self.low_vram = self._choose_low_vram(low_vram, free_gb)
+        self.share_branch_prefix = self._choose_branch_sharing(free_gb)
         self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
         self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
         self.solver_step_seconds: list[float] = []  # of the running video, one entry per solver step
@@ -325,28 +326,23 @@ class Enhancer:
         stay in memory meanwhile: ~1.7 GB more at the seed clip's size); else one by one."""
         return evaluate_shared_prefix if self.share_branch_prefix else evaluate_sequential
 
-    def _choose_branch_sharing(self) -> bool:
+    def _choose_branch_sharing(self, free_gb: float | None) -> bool:
+        """free_gb: free GPU memory at start (None: not a GPU)."""
         if self.low_vram:
             return False
-        if self.device.type != "cuda":
-            return True
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if free / 1e9 < SHARED_BRANCH_PREFIX_FROM_GB:
+        if free_gb is not None and free_gb < SHARED_BRANCH_PREFIX_FROM_GB:
             logger.info("%.1f GB GPU memory free: the guidance branches run one after the other (%.0f GB "
-                        "or more free lets them share their first layers, ~4%% faster)", free / 1e9,
+                        "or more free lets them share their first layers, ~4%% faster)", free_gb,
                         SHARED_BRANCH_PREFIX_FROM_GB)
             return False
         return True
 
-    def _choose_low_vram(self, requested: bool | None) -> bool:
+    def _choose_low_vram(self, requested: bool | None, free_gb: float | None) -> bool:
+        """free_gb: free GPU memory at start (None: not a GPU, where the mode is never automatic)."""
         if requested is not None:
             return bool(requested)
-        if self.device.type != "cuda":
-            return False
-        free, total = torch.cuda.mem_get_info(self.device)
-        if free / 1e9 < LOW_VRAM_BELOW_GB:
-            logger.info("%.1f GB of %.1f GB GPU memory free: low-VRAM mode on (--no-low_vram turns it off)",
-                        free / 1e9, total / 1e9)
+        if free_gb is not None and free_gb < LOW_VRAM_BELOW_GB:
+            logger.info("%.1f GB GPU memory free: low-VRAM mode on (--no-low_vram turns it off)", free_gb)
             return True
         return False
 

@@ -36,7 +36,6 @@ class UNetBlock(nn.ModuleList):
                 x = layer(x)
         return x
 
-
     def text_free_layers(self) -> int:
         """How many leading layers do not read the text context (all of them: len(self))."""
         return next((i for i, layer in enumerate(self) if isinstance(layer, SpatialTransformer)), len(self))
