@@ -3,7 +3,7 @@
     python benchmarks/bench.py forward  [--frames 31 40] [--ablations] [--profile] [--out bench_forward.json]
     python benchmarks/bench.py vae      [--out bench_vae.json]
     python benchmarks/bench.py matmul   [--out bench_matmul.json]
-    python benchmarks/bench.py pipeline [--steps 2] [--low_vram]
+    python benchmarks/bench.py pipeline [--steps 2] [--low_vram] [--startup_only]
 
 `forward`: one network evaluation of both guidance branches for a temporal window at the seed
 clip's latent size (162x240), for the plain path (the reference's way: fp16 weights under fp16
@@ -406,6 +406,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=2, help="pipeline: solver steps to run (normal mode)")
     parser.add_argument("--low_vram", action="store_true", help="pipeline: run the CLI with --low_vram")
+    parser.add_argument("--startup_only", action="store_true",
+                        help="pipeline: only the start-up (process start to the first denoising step), several runs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not SMOKE:
         print("this benchmark needs a CUDA GPU", file=sys.stderr)

@@ -57,14 +57,17 @@ def write_full_size_models(outdir: Path) -> Path:
     return path
 
 
-def warm_start_seconds(cmd: list[str], env: dict[str, str] | None = None, timeline: Path | None = None) -> float:
+def warm_start_seconds(cmd: list[str], env: dict[str, str] | None = None, timeline: Path | None = None,
+                       python_flags: tuple[str, ...] = ()) -> float:
     """Process start to the first denoising step of a second run of the same command, as in a
     shell loop over a folder: weights, the fp16 network copy and the compiled Triton kernels are
     on local disk by then. The run is stopped once denoising starts. `timeline`: run it with
     `--log_level debug` and save its log there (every line stamped with seconds since start)."""
     start = time.time()
     extra = ["--overwrite", *(["--log_level", "debug"] if timeline else [])]
-    proc = subprocess.Popen([*cmd, *extra], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    # cmd[0] is the interpreter: flags such as -X importtime go right after it.
+    proc = subprocess.Popen([cmd[0], *python_flags, *cmd[1:], *extra], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
     lines = []
     try:
         for line in proc.stderr:
@@ -98,6 +101,8 @@ def run_pipeline(args) -> int:
     cmd = [sys.executable, str(ROOT / "enhance_a_video.py"), "--input_path", str(clip), "--config", str(config),
            "--save_dir", str(save_dir), "--noise_aug", "250", "--solver_mode", "normal", "--steps", str(args.steps),
            "--prompt", "a red ball bouncing over a checkerboard", *flags, *(["--low_vram"] if args.low_vram else [])]
+    if args.startup_only:
+        return run_startup(cmd, out_dir, write_s)
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - start
@@ -156,4 +161,26 @@ def run_pipeline(args) -> int:
     if peak is not None:
         print(f"{'peak GPU memory reserved (GB)':<34}{peak:>10.1f}")
     (out_dir / "bench_pipeline.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def run_startup(cmd: list[str], out_dir: Path, write_s: float) -> int:
+    """Start-up only (~1-2 minutes of GPU time instead of ~5): process start to the first
+    denoising step, a first run (fills the bytecode and Triton caches) then warm runs as in a
+    shell loop, with the debug timeline, without the GPU warm-up thread, and with Python's
+    `-X importtime` (its report saved to import_times.log)."""
+    first = warm_start_seconds(cmd)
+    warm = warm_start_seconds(cmd, timeline=out_dir / "warm_start_timeline.log")
+    no_warmup = warm_start_seconds(cmd, env=dict(os.environ, VENHANCER_CUDA_WARMUP="0"))
+    warm_again = warm_start_seconds(cmd)
+    imports = warm_start_seconds(cmd, timeline=out_dir / "import_times.log", python_flags=("-X", "importtime"))
+    result = {"gpu": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
+              "model_files_write_s": write_s, "first_run_to_denoise_s": first, "warm_to_denoise_s": [warm, warm_again],
+              "warm_without_cuda_warmup_s": no_warmup, "warm_with_importtime_s": imports}
+    (out_dir / "bench_startup.json").write_text(json.dumps(result, indent=1))
+    print(f"\nStart-up of the seed clip's command on {result['gpu']} (process start -> denoising starts):")
+    print(f"{'first run (fills the caches)':<40}{first:>8.1f} s")
+    print(f"{'warm runs (as in a shell loop)':<40}{warm:>8.1f} s, {warm_again:.1f} s")
+    print(f"{'warm, without the GPU warm-up thread':<40}{no_warmup:>8.1f} s")
+    print(f"{'warm, under -X importtime':<40}{imports:>8.1f} s (import_times.log)")
     return 0

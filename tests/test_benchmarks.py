@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end in their CPU smoke mode (tiny models), so they do not rot
+between GPU sessions. The numbers are meaningless here; the flow and the JSON are checked."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, BENCH_SMOKE="1", OUT=str(tmp_path))
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_forward_benchmark_smoke(tmp_path):
+    proc = _bench(tmp_path, "forward", "--frames", "5", "--reps", "1", "--out", str(tmp_path / "f.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "f.json").read_text())["windows"]["5"]
+    for path in ("plain", "optimized_shared_prefix", "optimized_sequential", "optimized_low_vram"):
+        assert f"{path}_s" in row, path
+    # The shared prefix performs fewer operations than two full branches, but most of them.
+    assert 0.8 * 2 * row["flops_per_branch"] < row["optimized_shared_prefix_flops"] < 2 * row["flops_per_branch"]
+    assert "optimized_shared_prefix" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", [["--steps", "1"], ["--startup_only"]])
+def test_pipeline_benchmark_smoke(tmp_path, mode):
+    proc = _bench(tmp_path, "pipeline", *mode)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if mode == ["--startup_only"]:
+        result = json.loads((tmp_path / "bench_startup.json").read_text())
+        assert len(result["warm_to_denoise_s"]) == 2
+        assert "import time:" in (tmp_path / "import_times.log").read_text()
+    else:
+        result = json.loads((tmp_path / "bench_pipeline.json").read_text())
+        assert result["steps_run"] == 1 and len(result["solver_steps_s"]) == 1
+    assert "denoising:" in (tmp_path / "warm_start_timeline.log").read_text()
