@@ -332,7 +332,7 @@ class Enhancer:
             return False
         if free_gb is not None and free_gb < SHARED_BRANCH_PREFIX_FROM_GB:
             logger.info("%.1f GB GPU memory free: the guidance branches run one after the other (%.0f GB "
-                        "or more free lets them share their first layers, ~4%% faster)", free_gb,
+                        "or more free lets them share their first layers, 3-4%% faster)", free_gb,
                         SHARED_BRANCH_PREFIX_FROM_GB)
             return False
         return True
