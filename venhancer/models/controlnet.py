@@ -20,6 +20,16 @@ def model_input_dtype(module: nn.Module, device: torch.device) -> torch.dtype | 
     return next(module.parameters()).dtype
 
 
+def network_inputs(module: nn.Module, x, t, y, hint, t_hint, s_cond, mask_cond) -> NetworkInputs:
+    """The call arguments of `module` (UNet or ControlNet, with a `config`) checked and cast."""
+    cfg = module.config
+    return prepare_inputs(
+        x, t, y, hint, t_hint, s_cond, mask_cond,
+        in_dim=cfg.in_dim, context_dim=cfg.context_dim, num_levels=len(cfg.dim_mult),
+        dtype=model_input_dtype(module, x.device),
+    )
+
+
 class VideoControlNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
@@ -41,16 +51,7 @@ class VideoControlNet(nn.Module):
         """Arguments as `VEnhancerUNet.forward`. Returns 13 tensors (for the default 4 levels x
         2 ResBlocks) in per-frame layout `((b f), c, h', w')`: one per encoder block, then the
         middle block's."""
-        cfg = self.config
-        inp = prepare_inputs(
-            x, t, y, hint, t_hint, s_cond, mask_cond,
-            in_dim=cfg.in_dim, context_dim=cfg.context_dim, num_levels=len(cfg.dim_mult),
-            dtype=model_input_dtype(self, x.device),
-        )
-        return self.run(inp)
-
-    def run(self, inp: NetworkInputs) -> list[torch.Tensor]:
-        """`forward` on already validated inputs (the UNet validates once for both networks)."""
+        inp = network_inputs(self, x, t, y, hint, t_hint, s_cond, mask_cond)
         state = self.start(inp)
         return state.outputs + self.finish(state, inp.y, consume=True)
 

@@ -11,8 +11,8 @@ from torch import nn
 from .attention import TransformerBlock
 from .blocks import EncoderState, build_decoder, build_encoder, build_middle, encode_rest, encode_text_free
 from .config import UNetConfig
-from .controlnet import VideoControlNet, model_input_dtype
-from .inputs import NetworkInputs, prepare_inputs
+from .controlnet import VideoControlNet, network_inputs
+from .inputs import NetworkInputs
 from .layers import EmbeddingMLP, GroupNorm32, timestep_sinusoid
 
 
@@ -56,7 +56,7 @@ class VEnhancerUNet(nn.Module):
         Returns v (b, out_dim, f, h, w) in x's dtype; with `return_control=True`, `(v, control)`
         where control is the ControlNet's list of 13 per-frame tensors.
         """
-        inp = self._prepare(x, t, y, hint, t_hint, s_cond, mask_cond)
+        inp = network_inputs(self, x, t, y, hint, t_hint, s_cond, mask_cond)
         # The ControlNet first, then the UNet: only the ControlNet's outputs are held across.
         control_state = self.VideoControlNet.start(inp)
         control = control_state.outputs + self.VideoControlNet.finish(control_state, inp.y, consume=True)
@@ -72,7 +72,7 @@ class VEnhancerUNet(nn.Module):
         before the first text-reading layer (block 0 and the next ResBlock, of the UNet and of the
         ControlNet) computed once for all. Costs two level-0 activations of memory while all
         but the last branch run."""
-        inp = self._prepare(x, t, contexts[0], hint, t_hint, s_cond, mask_cond)
+        inp = network_inputs(self, x, t, contexts[0], hint, t_hint, s_cond, mask_cond)
         for y in contexts[1:]:
             if y.shape != contexts[0].shape:
                 raise ValueError(f"all text contexts must have one shape, got {tuple(contexts[0].shape)} and {tuple(y.shape)}")
@@ -85,14 +85,6 @@ class VEnhancerUNet(nn.Module):
             control = [None] * state.block + self.VideoControlNet.finish(control_state, y, consume=last)
             outputs.append(self._finish(state, y, control, x.dtype, consume=last))
         return outputs
-
-    def _prepare(self, x, t, y, hint, t_hint, s_cond, mask_cond) -> NetworkInputs:
-        cfg = self.config
-        return prepare_inputs(
-            x, t, y, hint, t_hint, s_cond, mask_cond,
-            in_dim=cfg.in_dim, context_dim=cfg.context_dim, num_levels=len(cfg.dim_mult),
-            dtype=model_input_dtype(self, x.device),
-        )
 
     def _start(self, inp: NetworkInputs, control: list[torch.Tensor | None]) -> EncoderState:
         """The UNet encoder up to its first text-reading layer. `control`: the ControlNet
