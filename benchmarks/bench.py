@@ -205,6 +205,9 @@ def run_forward(args) -> dict:
                 ("no_fused_kernels", replace(full, fused_kernels=False), sequential),
                 ("no_channels_last", replace(full, channels_last=False), sequential),
                 ("no_tuned_sdpa", replace(full, tuned_attention=False), sequential),
+                ("no_frame_attention_kernel", replace(full, frame_attention_kernel=False), shared),
+                ("no_fused_projections", replace(full, fused_projections=False), shared),
+                ("neither_of_these_two", replace(full, frame_attention_kernel=False, fused_projections=False), shared),
                 ("no_ff_chunks", replace(full, ff_chunk_tokens=None), sequential),
                 ("conv_frame_chunks_8", replace(full, conv_frame_chunk=8), sequential),
             ]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from unet_helpers import call_args, max_abs, rel_l2
 from venhancer.models import kernels
-from venhancer.models.attention import GEGLU, TransformerBlock
+from venhancer.models.attention import GEGLU, Attention, TemporalTransformer, TransformerBlock
 from venhancer.models.layers import GroupNorm32, _group_norm_act
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 
@@ -123,6 +123,52 @@ def test_linear_add_contiguous_and_strided():
     assert not kernels.linear_add_supported(x, weight, video[:, cols].transpose(0, 1))
 
 
+def _frame_attention_eager(q, k, v, heads, frames):
+    """SDPA on the (b P, frames, heads, d) transposes of frame-major tokens, in float64."""
+    b, tokens, inner = q.shape
+    p, d = tokens // frames, inner // heads
+
+    def seqs(t):  # (b, frames*P, inner) -> (b*P, heads, frames, d)
+        return t.double().reshape(b, frames, p, heads, d).permute(0, 2, 3, 1, 4).reshape(b * p, heads, frames, d)
+
+    o = F.scaled_dot_product_attention(seqs(q), seqs(k), seqs(v))
+    return o.reshape(b, p, heads, frames, d).permute(0, 3, 1, 2, 4).reshape(b, tokens, inner)
+
+
+@pytest.mark.parametrize("frames,heads,head_dim,per_program", [(5, 2, 16, 1), (31, 3, 32, 1), (40, 1, 64, 1), (5, 2, 16, 4)])
+def test_frame_attention_matches_sdpa(frames, heads, head_dim, per_program, monkeypatch):
+    # per_program 4 over 7 positions: a partly filled block of positions
+    configs = {block: (per_program, warps) for block, (_, warps) in kernels.FRAME_ATTENTION_CONFIGS.items()}
+    monkeypatch.setattr(kernels, "FRAME_ATTENTION_CONFIGS", configs)
+    gen = torch.Generator().manual_seed(frames)
+    inner = heads * head_dim
+    # q, k, v as the strided views of a fused projection (row stride 3*inner), b = 2 items
+    qkv = torch.randn(2, frames * 7, 3 * inner, generator=gen) * 2
+    q, k, v = qkv.chunk(3, dim=-1)
+    assert kernels.frame_attention_supported(q, k, v, heads, frames)
+    got = kernels.frame_attention(q, k, v, heads, frames)
+    assert got.shape == q.shape and got.is_contiguous()
+    assert (got.double() - _frame_attention_eager(q, k, v, heads, frames)).abs().max() < 1e-5
+
+
+def test_frame_attention_half_precision():
+    q, k, v = (torch.randn(1, 31 * 5, 128).half() for _ in range(3))
+    got = kernels.frame_attention(q, k, v, 2, 31)
+    assert got.dtype == torch.float16
+    assert (got.double() - _frame_attention_eager(q, k, v, 2, 31)).abs().max() < 2e-3
+
+
+def test_frame_attention_declines_what_it_cannot_take():
+    q = torch.randn(1, 70 * 2, 64)
+    assert not kernels.frame_attention_supported(q, q, q, 1, 70)  # longer than one tile
+    wide = torch.randn(1, 140, 96)
+    assert not kernels.frame_attention_supported(wide, wide, wide, 2, 7)  # head width 48
+    assert kernels.frame_attention_supported(q, q, q, 2, 7)
+    assert not kernels.frame_attention_supported(q, q, q[:, :, :32], 2, 10)  # shapes differ
+    assert not kernels.frame_attention_supported(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), 1, 2)
+    assert not kernels.frame_attention_supported(q, q, q, 3, 10)  # 64 not divisible by 3 heads
+
+
 def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
     """Wrap the named `kernels` functions so that each call is counted in the returned dict."""
     calls = dict.fromkeys(names, 0)
@@ -138,7 +184,8 @@ def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
 
 
 def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_case, monkeypatch):
-    calls = count_kernel_calls(monkeypatch, ["group_norm", "geglu", "geglu_matmul", "layer_norm", "add_with_bias", "linear_add"])
+    calls = count_kernel_calls(monkeypatch, ["group_norm", "geglu", "geglu_matmul", "layer_norm", "add_with_bias", "linear_add",
+                                             "frame_attention"])
     supported = []
     forward = GroupNorm32.forward
 
@@ -159,6 +206,10 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
     blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
     assert calls["layer_norm"] >= 3 * blocks and calls["add_with_bias"] > 0, calls
     assert calls["linear_add"] >= 4 * blocks, calls
+    # both self-attentions of every temporal transformer, on the fused q/k/v projection's views
+    temporal = sum(isinstance(m, TemporalTransformer) for m in model.modules())
+    assert calls["frame_attention"] >= 2 * temporal > 0, calls
+    assert all(m.qkv_weight is not None for m in model.modules() if isinstance(m, Attention) and m.self_attention)
     assert rel_l2(out, tiny_case["out"]) <= 1e-4
     assert max_abs(out, tiny_case["out"]) <= 2e-5
 

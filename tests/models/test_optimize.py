@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from unet_helpers import call_args, max_abs, rel_l2
-from venhancer.models.attention import TemporalTransformer
+from venhancer.models.attention import Attention, TemporalTransformer
 from venhancer.models.layers import GroupNorm32, ResBlock, Upsample
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 
@@ -40,6 +40,25 @@ def test_optimize_keeps_state_dict_and_folds_silu(tiny_model):
     assert not any(isinstance(m, nn.SiLU) for seq in model.modules() if isinstance(seq, nn.Sequential) and isinstance(seq[0], GroupNorm32) for m in seq)
     conv = model.VideoControlNet.input_hint_block
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_projections_share_the_weights(tiny_model):
+    """Self-attention's stacked q/k/v weight holds the Linears' weights as views: the state dict
+    keeps its keys and values, and loading new weights afterwards updates the stacked one too."""
+    model = optimize_for_inference(copy.deepcopy(tiny_model))
+    fused = [m for m in model.modules() if isinstance(m, Attention) and m.qkv_weight is not None]
+    cross = [m for m in model.modules() if isinstance(m, Attention) and not m.self_attention]
+    assert fused and cross and all(m.qkv_weight is None for m in cross)
+    assert "qkv_weight" not in "".join(model.state_dict())
+    state = {k: v + 1 for k, v in tiny_model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    attn = fused[0]
+    assert torch.equal(attn.qkv_weight, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
+    assert attn.to_q.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    with pytest.raises(ValueError, match="self-attention"):
+        cross[0].fuse_projections()
+    plain = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(fused_projections=False))
+    assert all(m.qkv_weight is None for m in plain.modules() if isinstance(m, Attention))
 
 
 def test_batch_of_two_matches_items(tiny_model, tiny_case):

@@ -202,7 +202,23 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         # A list so the output Linear is `to_out.0` as in the checkpoint (index 1 was a Dropout).
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.self_attention = context_dim is None
         self.fused = False  # output projection + residual in one kernel (set by optimize)
+        self.frame_kernel = False  # attention over frames in one Triton kernel (set by optimize)
+        # (3*inner, query_dim) with to_q/to_k/to_v's weights as its row blocks (`fuse_projections`);
+        # not persistent: the checkpoint keys stay to_q/to_k/to_v.
+        self.register_buffer("qkv_weight", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        """Self-attention only: q, k and v from one matmul against the three weights stacked;
+        the Linears' weights become views of that tensor (same names, values and memory)."""
+        if not self.self_attention:
+            raise ValueError("only a self-attention layer can project q, k and v together")
+        inner = self.to_q.out_features
+        stacked = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
+        for i, linear in enumerate((self.to_q, self.to_k, self.to_v)):
+            linear.weight = nn.Parameter(stacked[i * inner : (i + 1) * inner], requires_grad=False)
+        self.qkv_weight = stacked
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, context_repeats: int = 1,
                 frames: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,18 +227,24 @@ class Attention(nn.Module):
         text context per video serves all its frames), so k/v are projected once per video.
         `frames`: x holds frame-major tokens and self-attention runs along the frame axis
         (`attention_over_frames`). `residual` (x's shape), if given, is added to the output."""
-        q = self.to_q(x)
-        if context is None:
+        if context is None and self.qkv_weight is not None:
+            # (B, N, 3*inner) -> three (B, N, inner) views with row stride 3*inner
+            q, k, v = F.linear(x, self.qkv_weight).chunk(3, dim=-1)
+        elif context is None:
+            q = self.to_q(x)
             k = self.to_k(x)
             v = self.to_v(x)
         else:
+            q = self.to_q(x)
             k = self.to_k(context)
             v = self.to_v(context)
             if context_repeats != 1:
                 # (b, M, inner) -> ((b f), M, inner)
                 k = k.repeat_interleave(context_repeats, dim=0)
                 v = v.repeat_interleave(context_repeats, dim=0)
-        if frames is not None:
+        if frames is not None and self.frame_kernel and kernels.runs_on(q) and kernels.frame_attention_supported(q, k, v, self.heads, frames):
+            out = kernels.frame_attention(q, k, v, self.heads, frames)
+        elif frames is not None:
             out = attention_over_frames(q, k, v, self.heads, frames)
         else:
             out = attention(q, k, v, self.heads)

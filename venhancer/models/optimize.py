@@ -8,7 +8,9 @@
 - channels-last weights, so convolutions run in cuDNN's native NHWC layout and the per-frame
   activations keep one layout through convs, norms, the spatial transformers (whose token view
   becomes free), the temporal convs (a channels-last-3d view of the same memory) and the
-  temporal transformers (frame-major tokens, attention gathering each pixel's frames by stride);
+  temporal transformers (frame-major tokens; on CUDA one Triton kernel attends over each
+  pixel's frames by stride and writes the frame-major output directly);
+- self-attention's q/k/v projections as one matmul (the three weights become views of one);
 - the SDPA kernel picked per sequence length;
 - the transformers' feed-forward over bounded token chunks, the spatial transformers (and,
   optionally, the ResBlocks' per-frame part and the upsampling) over a few frames at a time
@@ -33,6 +35,11 @@ class InferenceOptions:
     channels_last: bool = True
     fused_kernels: bool = True
     tuned_attention: bool = True
+    # Self-attention's q, k and v from one matmul (`Attention.fuse_projections`).
+    fused_projections: bool = True
+    # With fused_kernels, the temporal attention as one Triton kernel over frame-major tokens
+    # (`kernels.frame_attention`) instead of SDPA on strided views plus a copy of its output.
+    frame_attention_kernel: bool = True
     # Tokens per feed-forward chunk; at level 0 of a 31-frame 162x240 window one chunk of
     # 2**18 tokens has a 2.7 GB GEGLU intermediate in fp16 instead of 12 GB unchunked.
     ff_chunk_tokens: int | None = 2**18
@@ -70,6 +77,13 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
                     module[i + 1] = nn.Identity()
         if isinstance(module, (GroupNorm32, GEGLU, LayerNorm, Attention, FeedForward, SpatialTransformer, TemporalTransformer)):
             module.fused = options.fused_kernels
+        if isinstance(module, Attention):
+            module.frame_kernel = options.fused_kernels and options.frame_attention_kernel
+        if isinstance(module, Attention) and module.self_attention:
+            if not options.fused_projections:
+                module.qkv_weight = None  # the Linears' weights stay views of it: same values
+            elif module.qkv_weight is None:
+                module.fuse_projections()
         if isinstance(module, (ResBlock, TemporalConvBlock)):
             module.fold_conv_bias = options.fused_kernels
         if isinstance(module, (ResBlock, Upsample)):
