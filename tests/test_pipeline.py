@@ -264,3 +264,49 @@ def test_memory_modes_follow_free_gpu_memory():
     assert not bare._choose_branch_sharing(23.0)  # a 24 GB card: branches one after the other
     bare.low_vram = True
     assert not bare._choose_branch_sharing(80.0)
+
+
+def test_background_load_gives_the_same_video(enhancer, clip, tmp_path, monkeypatch):
+    """With background_load the network and text encoder load on the worker thread and each
+    prompt is encoded there while the frames are encoded: same output, bit for bit."""
+    threads = []
+    encode_text = Enhancer._encode_text
+
+    def spy(self, *args):
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return encode_text(self, *args)
+
+    monkeypatch.setattr(Enhancer, "_encode_text", spy)
+    background = Enhancer(enhancer.config, progress=False, background_load=True)
+    kwargs = dict(up_scale=2, target_fps=16, noise_aug=NOISE_AUG, solver_mode="normal", steps=2)
+    got = background.enhance(clip, "a test pattern", save_dir=tmp_path / "background", **kwargs)
+    want = enhancer.enhance(clip, "a test pattern", save_dir=tmp_path / "plain", **kwargs)
+    assert threads[0].startswith("venhancer-worker") and threads[1] == "MainThread"
+    np.testing.assert_array_equal(read_video(got.output_path).frames, read_video(want.output_path).frames)
+    sidecar = json.loads(got.sidecar_path.read_text())
+    assert sidecar["model"]["background_load"] is True
+    assert {"load_network", "load_text_encoder", "wait_for_network"} <= set(sidecar["model_load_s"])
+
+
+def test_background_load_failure_is_reported_when_the_network_is_needed(enhancer, clip, tmp_path):
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "other_model.safetensors"
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(wrong))
+    background = Enhancer(enhancer.config, model_path=wrong, progress=False, background_load=True)
+    with pytest.raises(pipeline.ModelLoadError, match="not a VEnhancer network checkpoint"):
+        background.enhance(clip, up_scale=2, target_fps=8, save_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "clip.mp4").exists()
+
+
+def test_background_text_encoder_failure_is_a_load_error(enhancer, clip, tmp_path):
+    from dataclasses import replace
+
+    broken = tmp_path / "text.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    config = replace(enhancer.config, text_encoder=replace(enhancer.config.text_encoder, path=broken))
+    background = Enhancer(config, progress=False, background_load=True)
+    with pytest.raises(pipeline.ModelLoadError, match="could not load the text encoder"):
+        background.enhance(clip, up_scale=2, target_fps=8, save_dir=tmp_path / "out")

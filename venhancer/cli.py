@@ -234,6 +234,7 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
         Enhancer,
         EnhanceOptions,
         DeviceError,
+        ModelLoadError,
         output_path_for,
         plan_video,
         prepare_save_dir,
@@ -337,9 +338,10 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
             error = dist.first_error(error)
         if error is None:
             try:
+                # One process: the network loads while the first video is read and encoded.
                 enhancer = Enhancer(config, version=args.version, model_path=args.model_path or None,
                                     device=str(device), dtype=args.dtype, progress=dist.is_main,
-                                    low_vram=args.low_vram)
+                                    low_vram=args.low_vram, background_load=not dist.enabled)
             except load_errors as exc:
                 error = _failure(exc)
             error = dist.first_error(error)
@@ -358,6 +360,9 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
             try:
                 enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite)
                 run_done.append((index, job.video.name))
+            except ModelLoadError as exc:  # loaded in the background (one process only)
+                logger.error("could not load the models: %s", _failure(exc.__cause__ or exc))
+                return EXIT_FAILED
             except (VideoError, EnhanceError, ValueError, OSError, PeerFailure) as exc:
                 reason = _failure(exc)
                 if isinstance(exc, PeerFailure) and job.video.name not in reason:

@@ -37,6 +37,7 @@ from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_eval
 from venhancer.diffusion.chunking import evaluate_sequential, evaluate_shared_prefix
 from venhancer.distributed import PeerOutOfMemory, solo
 from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
+from venhancer.models import VEnhancerUNet
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
 from venhancer.planning import (
@@ -48,7 +49,6 @@ from venhancer.planning import (
     pad_to_fit,
     target_resolution,
 )
-from venhancer.text_encoder import NEGATIVE_PROMPT, build_caption, load_text_encoder
 from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
 from venhancer.video_io import VideoInfo, VideoWriter, read_video
 
@@ -70,6 +70,10 @@ SHARED_BRANCH_PREFIX_FROM_GB = 26.0
 
 class EnhanceError(RuntimeError):
     """A run that failed for a reason the user can act on; the message is one line."""
+
+
+class ModelLoadError(RuntimeError):
+    """The network, loading in the background (`Enhancer(background_load=True)`), failed to load."""
 
 
 class DeviceError(RuntimeError):
@@ -245,6 +249,14 @@ def prepare_save_dir(save_dir: Path) -> Path:
     return save_dir
 
 
+def _loaded(future: Future, what: str) -> Any:
+    """The result of a background load; its failure as ModelLoadError."""
+    try:
+        return future.result()
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the {what}: {exc}") from exc
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.json", dir=path.parent)
     try:
@@ -267,6 +279,11 @@ class Enhancer:
     low_vram: True for small network passes (`InferenceOptions.low_vram`) and the VAE kept in CPU
     memory while denoising; None decides by the GPU's free memory (`LOW_VRAM_BELOW_GB`).
 
+    background_load: load the network (then the text encoder) on a worker thread with its own
+    CUDA stream, and encode each video's prompt there, while the calling thread loads the VAE and
+    reads and encodes the video (the command line does this for one-process runs; ~1.5 s less
+    start-up). A failed background load raises ModelLoadError when the network is first needed.
+
     `sharding` (None: this process alone) may be set to a `venhancer.distributed.WindowSharding`:
     every process then enhances the same videos in lockstep, sharing out the network evaluations of
     each solver step, and only its writer process decodes and writes the outputs.
@@ -274,7 +291,8 @@ class Enhancer:
 
     def __init__(self, config: EnhancerConfig | str | os.PathLike | None = None, version: str = "v1",
                  model_path: str | os.PathLike | None = None, device: str | None = None,
-                 dtype: str | torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None):
+                 dtype: str | torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
+                 background_load: bool = False):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.config = config if isinstance(config, EnhancerConfig) else load_config(config)
@@ -294,12 +312,39 @@ class Enhancer:
         vae_source = resolve_vae(self.config)
         # Seconds spent loading each model (the start-up benchmark reads them from the sidecar).
         self.load_timings: dict[str, float] = {}
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="venhancer-worker") if background_load else None
+        self._unet: VEnhancerUNet | None = None
+        self._network: Future | None = None
+        self._text_loaded: Future | None = None
+        if self._worker is not None:
+            self._network = self._worker.submit(self._on_worker, self._load_network)
+            self._text_loaded = self._worker.submit(self._load_text_encoder, text_path)
+        else:
+            self._unet = self._load_network()
+            self._load_text_encoder(text_path)
+        start = time.perf_counter()
+        logger.info("loading VAE %s", vae_source)
+        self.vae = load_vae(vae_source, device=self.device, dtype=self.dtype)
+        if self.device.type == "cuda":
+            optimize_vae(self.vae)
+        # In low-VRAM mode the VAE waits in CPU memory while the network runs.
+        self.vae_weights = HostCopy(self.vae) if self.low_vram and self.device.type == "cuda" else None
+        self.load_timings["load_vae"] = time.perf_counter() - start
+
+    def _load_network(self) -> VEnhancerUNet:
         start = time.perf_counter()
         logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
-        self.unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
+        unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
         # Same function, faster kernels and a smaller footprint (venhancer.models.optimize).
-        optimize_for_inference(self.unet, InferenceOptions.low_vram() if self.low_vram else None)
+        optimize_for_inference(unet, InferenceOptions.low_vram() if self.low_vram else None)
         self.load_timings["load_network"] = time.perf_counter() - start
+        return unet
+
+    def _load_text_encoder(self, text_path: Path) -> None:
+        # Imported here, not with this module: with background_load this runs on the worker, and
+        # open_clip's import (~0.3 s) leaves the start-up's critical path with it.
+        from venhancer.text_encoder import load_text_encoder
+
         start = time.perf_counter()
         logger.info("loading text encoder %s", text_path)
         # float32 always: OpenCLIP's LayerNorms compute in float32 and refuse half-precision
@@ -310,14 +355,26 @@ class Enhancer:
         # It visits the GPU once per video; leaving needs no copy back (venhancer.offload).
         self.text_weights = HostCopy(self.text_encoder)
         self.load_timings["load_text_encoder"] = time.perf_counter() - start
-        start = time.perf_counter()
-        logger.info("loading VAE %s", vae_source)
-        self.vae = load_vae(vae_source, device=self.device, dtype=self.dtype)
-        if self.device.type == "cuda":
-            optimize_vae(self.vae)
-        # In low-VRAM mode the VAE waits in CPU memory while the network runs.
-        self.vae_weights = HostCopy(self.vae) if self.low_vram and self.device.type == "cuda" else None
-        self.load_timings["load_vae"] = time.perf_counter() - start
+
+    def _on_worker(self, fn, *args):
+        """fn(*args) on the worker thread's own CUDA stream (so that its copies and kernels run
+        beside the calling thread's instead of queueing behind them), finished before it returns."""
+        if self.device.type != "cuda":
+            return fn(*args)
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            result = fn(*args)
+        stream.synchronize()
+        return result
+
+    @property
+    def unet(self) -> VEnhancerUNet:
+        """The optimized network; with background_load, waits for it (ModelLoadError if it failed)."""
+        if self._unet is None:
+            start = time.perf_counter()
+            self._unet = _loaded(self._network, f"network {self.unet_path}")
+            self.load_timings["wait_for_network"] = time.perf_counter() - start
+        return self._unet
 
     @property
     def local_evaluator(self):
@@ -398,12 +455,25 @@ class Enhancer:
                     plan = plan_video(video.info, options, self.planning)
                     logger.info("%s: %s", path.name, plan.describe())
                     generator = torch.Generator(device=self.device).manual_seed(options.seed)
+                    # The prompt on the worker while this thread encodes the frames (not in
+                    # low-VRAM mode: the text encoder's 1.4 GB would sit beside the VAE's peak).
+                    text = None
+                    if self._worker is not None and not self.low_vram and self.sharding is None:
+                        text = self._worker.submit(self._on_worker, self._encode_text, prompt, path)
                     phase = "encoding frames"
                     with self._phase("encode", timings):
                         z_key = self._encode(video.frames, plan, generator)
                     phase = "encoding the prompt"
-                    with self._phase("text", timings):
-                        y_cond, y_uncond = self._encode_text(prompt, path)
+                    with self._phase("text", timings):  # with the worker: the wait for it
+                        if text is None:
+                            y_cond, y_uncond = self._encode_text(prompt, path)
+                        else:
+                            y_cond, y_uncond = text.result()
+                            if self.device.type == "cuda":
+                                # made on the worker's stream, read on this one: their memory must
+                                # not be reused by the worker before this stream is done with them
+                                for emb in (y_cond, y_uncond):
+                                    emb.record_stream(torch.cuda.current_stream(self.device))
                 phase = "denoising"
                 with self._phase("sample", timings), self._vae_offloaded():
                     x0 = self._denoise(z_key, y_cond, y_uncond, plan, options, generator)
@@ -485,9 +555,14 @@ class Enhancer:
         return torch.cat(latents, dim=2)
 
     def _encode_text(self, prompt: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._text_loaded is not None:
+            _loaded(self._text_loaded, "text encoder")
+        from venhancer.text_encoder import NEGATIVE_PROMPT, build_caption  # loaded by now (see above)
+
         self.text_weights.visit(self.device)
         try:
-            emb, truncated = self.text_encoder.encode([build_caption(prompt), NEGATIVE_PROMPT])
+            with torch.inference_mode():  # thread-local: the worker thread needs its own
+                emb, truncated = self.text_encoder.encode([build_caption(prompt), NEGATIVE_PROMPT])
         finally:
             self.text_weights.leave()
         if truncated[0]:
@@ -498,6 +573,11 @@ class Enhancer:
     def _denoise(self, z_key: torch.Tensor, y_cond: torch.Tensor, y_uncond: torch.Tensor, plan: VideoPlan,
                  options: EnhanceOptions, generator: torch.Generator) -> torch.Tensor:
         """SPEC 1.5, 1.9-1.11: repeated latents, noised key-frame hint, SDEdit start, guided sampling."""
+        unet = self.unet  # with background_load: waits for it here, before denoising "starts"
+        if self._worker is not None and self.device.type == "cuda":
+            # Memory the worker freed (the text encoder's visit, the network's load) stays cached
+            # for the worker's stream, where denoising cannot reuse it: give it back first.
+            torch.cuda.empty_cache()
         shard = self.sharding
         if shard is not None:
             # Every process drew the same noise and computed the same values; rank 0's are shared
@@ -528,7 +608,7 @@ class Enhancer:
                 bar.update(1)
 
             with self._bar(plan.denoise_steps, "denoise") as bar:
-                x0 = sample(self.unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
+                x0 = sample(unet, x_T, cond, uncond, solver_mode=options.solver_mode, steps=options.steps,
                             guide_scale=options.cfg, guide_rescale=GUIDE_RESCALE, windows=plan.windows,
                             generator=generator, callback=step_done,
                             evaluate=self.local_evaluator if shard is None else shard.evaluate)
@@ -581,7 +661,8 @@ class Enhancer:
             "seed": options.seed,
             "model": {"version": self.version, "checkpoint": str(self.unet_path),
                       "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                      "low_vram": self.low_vram, "shared_branch_prefix": self.share_branch_prefix},
+                      "low_vram": self.low_vram, "shared_branch_prefix": self.share_branch_prefix,
+                      "background_load": self._worker is not None},
             "plan": {"inserted_frames": plan.k, "padding_lrtb": list(plan.padding),
                      "latent_size": list(plan.latent_size), "windows": [list(w) for w in plan.windows],
                      "network_evals": plan.network_evals, "start_t": T_MAX},
