@@ -201,11 +201,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         # GPU libraries start on a thread while the models' code is imported (venhancer.warmup).
         warmup = start_cuda_warmup(dist.device_name(args.device))
-    # The models load on worker threads while this one runs the GPU (venhancer.warmup, the
-    # background load): every PyTorch call gives up the GIL and must win it back, by default
-    # waiting up to 5 ms for a busy worker, which starves the GPU of launches. 0.5 ms keeps it fed.
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(5e-4)
     try:
         code = _main(args, dist)
         dist.barrier()  # every process has logged what it had to
@@ -221,7 +216,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if warmup is not None:
             # A run that stops early must not exit while that thread is inside the CUDA libraries.
             warmup.join(timeout=60)
-        sys.setswitchinterval(switch_interval)  # main() may be called in a longer-lived process
 
 
 def _main(args: argparse.Namespace, dist: "DistContext") -> int:
