@@ -35,7 +35,8 @@ def test_pipeline_benchmark_smoke(tmp_path, mode):
     assert proc.returncode == 0, proc.stderr[-3000:]
     if mode == ["--startup_only"]:
         result = json.loads((tmp_path / "bench_startup.json").read_text())
-        assert len(result["warm_to_denoise_s"]) == 2
+        warm = result["warm_to_denoise_s"]
+        assert len(warm) >= 2 and min(warm) <= result["warm_median_s"] <= max(warm)
         assert "import time:" in (tmp_path / "import_times.log").read_text()
     else:
         result = json.loads((tmp_path / "bench_pipeline.json").read_text())
