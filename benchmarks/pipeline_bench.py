@@ -161,6 +161,8 @@ def run_pipeline(args) -> int:
     print(f"{'  imports, CUDA start, the rest':<34}{other:>10.1f}")
     for phase in ("read", "encode", "text", "sample", "decode_write", "total"):
         print(f"{phase:<34}{timings[phase]:>10.1f}")
+        if phase == "decode_write" and "write_wait" in timings:
+            print(f"{'  of which waiting for the writer':<34}{timings['write_wait']:>10.1f}")
     print(f"{'process wall time':<34}{wall:>10.1f}")
     print(f"{'first solver step (all windows)':<34}{steps[0]:>10.1f}")
     print(f"{'later solver steps, median':<34}{per_step:>10.1f}")

@@ -86,7 +86,8 @@ def test_end_to_end_with_audio(tiny_config, clips, tmp_path):
                                    "steps": 2, "cfg": 7.5, "s_cond": 8.0, "seed": 666}
     assert sidecar["input"]["frames"] == 9 and sidecar["output"]["frames"] == 17
     assert sidecar["model"]["version"] == "v1" and sidecar["prompt"] == "a good video"
-    assert set(sidecar["timings_s"]) == {"read", "encode", "text", "sample", "decode_write", "total"}
+    assert set(sidecar["timings_s"]) == {"read", "encode", "text", "sample", "decode_write", "write_wait",
+                                           "total"}
     assert "summary: 1 enhanced, 0 skipped (output exists), 0 failed" in proc.stderr
 
 

@@ -1,6 +1,7 @@
 """Enhancer internals with the tiny model set: what reaches the sampler, encoder and writer (SPEC 1)."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,26 @@ def test_decode_crop_clamp_and_truncation(enhancer, clip, tmp_path, monkeypatch)
     assert pixels.shape == (17, 72, 112, 3) and pixels.dtype == np.uint8
     channels_first = pixels.transpose(0, 3, 1, 2).reshape(-1)
     assert np.array_equal(channels_first, np.resize(expected, channels_first.shape))
+
+
+def test_time_spent_waiting_for_the_writer_is_reported(enhancer, clip, tmp_path, monkeypatch):
+    """A slow encoder shows up as write_wait, a part of decode_write: the last chunk's append and
+    ffmpeg's final flush happen while nothing is left to decode."""
+    Spy(monkeypatch, "sample", lambda real, model, x_T, *a, **kw: x_T)
+
+    class SlowWriter(pipeline.VideoWriter):
+        def append(self, frames):
+            time.sleep(0.25)
+            super().append(frames)
+
+        def close(self):
+            time.sleep(0.25)
+            super().close()
+
+    monkeypatch.setattr(pipeline, "VideoWriter", SlowWriter)
+    timings = enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path).timings
+    assert 0.45 <= timings["write_wait"] <= timings["decode_write"]
+    assert read_video(tmp_path / "clip.mp4").frames.shape == (17, 72, 112, 3)
 
 
 def test_same_seed_same_output_and_seed_matters(enhancer, clip, tmp_path, monkeypatch):

@@ -481,7 +481,7 @@ class Enhancer:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
                 with self._phase("decode_write", timings):
-                    self._decode_and_write(x0, plan, out_path)
+                    timings["write_wait"] = self._decode_and_write(x0, plan, out_path)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -620,11 +620,21 @@ class Enhancer:
             shard.finish()
         return x0
 
-    def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path) -> None:
+    def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path) -> float:
         """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264.
 
         Frames are cropped and quantised on the device (a quarter of the bytes to copy back) and
-        handed to ffmpeg by a writer thread, so the GPU decodes the next window meanwhile."""
+        handed to ffmpeg by a writer thread, so the GPU decodes the next window meanwhile.
+        Returns the seconds this thread waited for the writer (ffmpeg's final flush included):
+        what the encode adds to the decode, the part of the phase a faster GPU would not remove."""
+        waited = 0.0
+
+        def wait_for(job: Future) -> None:
+            nonlocal waited
+            start = time.perf_counter()
+            job.result()  # errors of the writer surface here
+            waited += time.perf_counter() - start
+
         left, _, top, _ = plan.padding
         planning = self.planning
         audio = plan.input.path if plan.input.has_audio else None
@@ -639,13 +649,15 @@ class Enhancer:
                 pixels = ((chunk.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)  # truncates
                 pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (f, H, W, 3)
                 if pending is not None:
-                    pending.result()  # one chunk in flight: bounded memory, errors surface here
+                    wait_for(pending)  # one chunk in flight: bounded memory
                 pending = pool.submit(writer.append, pixels)
                 bar.update(chunk.shape[0])
             if pending is not None:
-                pending.result()
+                wait_for(pending)
             if writer.num_frames != plan.out_frames:
                 raise RuntimeError(f"decoder produced {writer.num_frames} frames, expected {plan.out_frames}")
+            closing = time.perf_counter()
+        return waited + time.perf_counter() - closing  # leaving the block closes the writer
 
     def _sidecar(self, path: Path, out_path: Path, prompt: str, options: EnhanceOptions, plan: VideoPlan,
                  timings: dict[str, float]) -> dict[str, Any]:
