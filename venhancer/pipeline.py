@@ -281,8 +281,9 @@ class Enhancer:
 
     background_load: load the network (then the text encoder) on a worker thread with its own
     CUDA stream, and encode each video's prompt there, while the calling thread loads the VAE and
-    reads and encodes the video (the command line does this for one-process runs; ~1.5 s less
-    start-up). A failed background load raises ModelLoadError when the network is first needed.
+    reads and encodes the video (the command line does this for one-process runs). On an H100 it
+    took ~1.4 s of loading off the start-up's critical path but slowed the encode beside it by
+    ~0.8 s. A failed background load raises ModelLoadError when the network is first needed.
 
     `sharding` (None: this process alone) may be set to a `venhancer.distributed.WindowSharding`:
     every process then enhances the same videos in lockstep, sharing out the network evaluations of
