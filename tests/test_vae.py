@@ -251,6 +251,7 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request):
     import copy
 
     from diffusers.models.resnet import ResnetBlock2D, SpatioTemporalResBlock, TemporalResnetBlock
+    from diffusers.models.upsampling import Upsample2D
 
     from venhancer.models.layers import GroupNorm32
     from venhancer.vae import optimize_vae
@@ -267,6 +268,8 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request):
     blocks = [m for m in fast.modules() if isinstance(m, (ResnetBlock2D, TemporalResnetBlock, SpatioTemporalResBlock))]
     assert blocks and all(type(m).__name__.startswith("_Fused") for m in blocks)
     assert any(m.conv_shortcut is not None for m in blocks if isinstance(m, ResnetBlock2D)) == (which == "tiny_vae_widening")
+    upsamplers = [m for m in fast.decoder.modules() if isinstance(m, Upsample2D)]
+    assert upsamplers and all(type(m).__name__ == "_TransposedUpsample2D" for m in upsamplers)
     z = torch.randn(5, 4, 6, 10)
     frames = torch.rand(2, 3, 48, 80) * 2 - 1
     with torch.no_grad():
@@ -288,3 +291,25 @@ def test_optimize_vae_leaves_blocks_it_cannot_fold():
     assert type(holder[0]) is ResnetBlock2D and isinstance(holder[0].nonlinearity, torch.nn.SiLU)
 
 
+
+
+def test_transposed_upsampler_matches_diffusers_upsample2d():
+    """The decoder's upsampler as one transposed convolution computes diffusers' nearest x2 +
+    3x3 conv (float64, changed channel count included); other kinds keep diffusers' forward."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from venhancer.vae import optimize_vae
+
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(Upsample2D(6, use_conv=True, out_channels=5),
+                                 Upsample2D(6, use_conv=False), Upsample2D(6, use_conv_transpose=True)).double()
+    plain = [m.forward for m in holder]
+    optimize_vae(holder)
+    assert [type(m).__name__ for m in holder] == ["_TransposedUpsample2D", "Upsample2D", "Upsample2D"]
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = holder[0](x), plain[0](x)
+        assert out.shape == ref.shape == (2, 5, 10, 14)
+        assert float((out - ref).abs().max()) <= 1e-12
+        # an explicit output size still goes through diffusers' path
+        assert holder[0](x, output_size=(11, 15)).shape == (2, 5, 11, 15)

@@ -144,3 +144,42 @@ def test_frame_major_temporal_path_matches_reference(tiny_model, tiny_case):
     with torch.no_grad():
         out = model(*call_args(tiny_case))
     assert max_abs(out, tiny_case["out"]) <= 2e-5
+
+
+@pytest.mark.parametrize("height, width", [(2, 3), (5, 7), (9, 4)])
+def test_transposed_upsample_matches_interpolate_crop_conv(height, width):
+    """The decoder's nearest x2 + crop + 3x3 conv as one transposed convolution: the same
+    function in float64 (the two edge rows, which the crop makes special, included)."""
+    torch.manual_seed(0)
+    up = Upsample(6).double()
+    x = torch.randn(3, 6, height, width, dtype=torch.float64)
+    with torch.no_grad():
+        ref = up(x)
+        up.transposed = True
+        out = up(x)
+    assert out.shape == ref.shape == (3, 6, 2 * height - 2, 2 * width)
+    assert max_abs(out, ref) <= 1e-12
+
+
+def test_transposed_upsample_follows_new_weights_and_stays_out_of_the_state_dict():
+    torch.manual_seed(0)
+    up = Upsample(4)
+    up.transposed = True
+    x = torch.randn(2, 4, 5, 6)
+    keys = list(up.state_dict())
+    with torch.no_grad():
+        up(x)
+        up.load_state_dict({k: v * 2 + 1 for k, v in up.state_dict().items()}, strict=True)  # in place
+        out = up(x)
+        up.transposed = False
+        ref = up(x)
+    assert list(up.state_dict()) == keys
+    assert max_abs(out, ref) <= 1e-5
+
+
+def test_optimize_sets_transposed_upsample(tiny_model):
+    model = optimize_for_inference(copy.deepcopy(tiny_model))
+    ups = [m for m in model.modules() if isinstance(m, Upsample)]
+    assert ups and all(m.transposed for m in ups)
+    plain = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(transposed_upsample=False))
+    assert not any(m.transposed for m in plain.modules() if isinstance(m, Upsample))
