@@ -245,7 +245,7 @@ def tiny_vae_widening():
 
 
 @pytest.mark.parametrize("which", ["tiny_vae", "tiny_vae_widening"])
-def test_optimize_vae_keeps_weights_and_outputs(which, request):
+def test_optimize_vae_keeps_weights_and_outputs(which, request, monkeypatch):
     """Channels-last weights, the kernel GroupNorm (eager on the CPU) and the folded resnet
     blocks: same parameters, same encode and decode results."""
     import copy
@@ -270,6 +270,16 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request):
     assert any(m.conv_shortcut is not None for m in blocks if isinstance(m, ResnetBlock2D)) == (which == "tiny_vae_widening")
     upsamplers = [m for m in fast.decoder.modules() if isinstance(m, Upsample2D)]
     assert upsamplers and all(type(m).__name__ == "_TransposedUpsample2D" for m in upsamplers)
+    import venhancer.vae as vae_module
+
+    scaled_adds = []
+    plain_add = vae_module.add_with_channel_bias
+
+    def spy(a, b, bias, scale=None):
+        scaled_adds.append(scale is not None)
+        return plain_add(a, b, bias, scale)
+
+    monkeypatch.setattr(vae_module, "add_with_channel_bias", spy)
     z = torch.randn(5, 4, 6, 10)
     frames = torch.rand(2, 3, 48, 80) * 2 - 1
     with torch.no_grad():
@@ -277,6 +287,7 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request):
                                    atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(fast.encode(frames).latent_dist.mean, vae.encode(frames).latent_dist.mean,
                                    atol=2e-5, rtol=1e-5)
+    assert any(scaled_adds)  # the decoder's spatio-temporal mixes ran in the temporal residual sum
 
 
 def test_optimize_vae_leaves_blocks_it_cannot_fold():

@@ -66,13 +66,19 @@ def load_vae(
     return vae.to(device).eval().requires_grad_(False)
 
 
-def _folded_resnet_forward(block: ResnetBlock2D | TemporalResnetBlock, x: torch.Tensor) -> torch.Tensor:
-    """norm1 (+SiLU) -> conv1 -> norm2 (+SiLU) -> conv2, plus the shortcut, for a block whose
-    norms apply the SiLU themselves; conv1's bias is added by norm2, conv2's by the residual sum."""
+def _folded_resnet_branch(block: ResnetBlock2D | TemporalResnetBlock, x: torch.Tensor) -> torch.Tensor:
+    """norm1 (+SiLU) -> conv1 -> norm2 (+SiLU) -> conv2 without conv2's bias, for a block whose
+    norms apply the SiLU themselves; conv1's bias is added by norm2."""
     h = block.norm1(x)
     h = conv_without_bias(block.conv1, h)
     h = block.norm2(h, add=block.conv1.bias.expand(h.shape[0], -1))  # GroupNorm(h + bias) + SiLU
-    h = conv_without_bias(block.conv2, h)
+    return conv_without_bias(block.conv2, h)
+
+
+def _folded_resnet_forward(block: ResnetBlock2D | TemporalResnetBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's branch (`_folded_resnet_branch`) plus the shortcut, conv2's bias added by the
+    residual sum."""
+    h = _folded_resnet_branch(block, x)
     shortcut, bias = shortcut_without_bias(block.conv_shortcut, x, block.conv2.bias)  # its bias joins conv2's
     return add_with_channel_bias(shortcut, h, bias)
 
@@ -98,8 +104,8 @@ class _FusedTemporalResnetBlock(TemporalResnetBlock):
 
 
 class _FusedSpatioTemporalResBlock(SpatioTemporalResBlock):
-    """SpatioTemporalResBlock whose spatial/temporal mix is one lerp (one pass, float math)
-    instead of alpha * x_spatial + (1 - alpha) * x_temporal in three."""
+    """SpatioTemporalResBlock whose spatial/temporal mix joins the temporal block's residual sum
+    (one pass, float math) instead of alpha * x_spatial + (1 - alpha) * x_temporal in three."""
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 image_only_indicator: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,11 +116,18 @@ class _FusedSpatioTemporalResBlock(SpatioTemporalResBlock):
         batch_frames, channels, height, width = spatial.shape
         # ((b f), c, h, w) -> (b, c, f, h, w): a view when `spatial` is channels-last
         video = spatial.reshape(batch_frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
-        temporal = self.temporal_res_block(video, None)
-        alpha = self.time_mixer.get_alpha(image_only_indicator, video.ndim).to(video.dtype)
+        alpha = self.time_mixer.get_alpha(image_only_indicator, video.ndim)
         if self.time_mixer.switch_spatial_to_temporal_mix:
             alpha = 1.0 - alpha
-        mixed = torch.lerp(temporal, video, alpha)  # alpha * video + (1 - alpha) * temporal
+        temporal_block = self.temporal_res_block
+        if type(temporal_block) is _FusedTemporalResnetBlock and temporal_block.conv_shortcut is None and alpha.numel() == 1:
+            # alpha * video + (1 - alpha) * (video + h + bias) = video + (1 - alpha) * (h + bias):
+            # the temporal block's residual sum and the mix in one pass.
+            h = _folded_resnet_branch(temporal_block, video)
+            mixed = add_with_channel_bias(video, h, temporal_block.conv2.bias, scale=(1.0 - alpha.float()).reshape(1))
+        else:
+            temporal = temporal_block(video, None)
+            mixed = torch.lerp(temporal, video, alpha.to(video.dtype))  # alpha * video + (1 - alpha) * temporal
         return mixed.permute(0, 2, 1, 3, 4).reshape(batch_frames, channels, height, width)
 
 
@@ -163,7 +176,7 @@ def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDeco
     - diffusers' GroupNorms on the Triton kernel (`venhancer.models.kernels`, float32 statistics)
       where the layout allows, with the SiLU after them in the same pass;
     - in the resnet blocks, conv biases folded into the next norm / residual sum and the
-      spatial/temporal mix as one lerp (see the `_Fused*` classes);
+      spatial/temporal mix in the temporal block's residual sum (see the `_Fused*` classes);
     - the decoder's upsamplers as one transposed convolution each (`_TransposedUpsample2D`).
     """
     for module in list(vae.modules()):

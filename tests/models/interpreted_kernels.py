@@ -87,6 +87,8 @@ def test_add_with_bias_keeps_layout():
     got = kernels.add_with_bias(a, b, bias)
     assert got.stride() == a.stride()
     assert (got - (a + b + bias[:, None, None, None])).abs().max() < 1e-6
+    scaled = kernels.add_with_bias(a, b, bias, scale=torch.tensor([0.25]))
+    assert (scaled - (a + 0.25 * (b + bias[:, None, None, None]))).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
@@ -101,6 +103,35 @@ def test_geglu_matmul_matches_eager(dtype, tol):
     got = kernels.geglu_matmul(x.to(dtype), weight.to(dtype), bias.to(dtype))
     assert got.shape == (2, 37, 80) and got.dtype == dtype
     assert (got.double() - want).abs().max() / want.abs().max() < tol
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_geglu_matmul_walks_several_tiles_per_program(tma, monkeypatch):
+    """3 row tiles x 2 column tiles (the second padded) over 4 persistent programs, through TMA
+    descriptors and through plain pointers."""
+    if not tma:
+        monkeypatch.setattr(kernels, "TensorDescriptor", None)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 64, generator=gen)
+    weight = torch.randn(2 * 200, 64, generator=gen) / 8
+    bias = torch.randn(2 * 200, generator=gen)
+    value, gate = F.linear(x.double(), weight.double(), bias.double()).chunk(2, dim=-1)
+    want = value * F.gelu(gate)
+    got = kernels.geglu_matmul(x, weight, bias)
+    assert (got.double() - want).abs().max() / want.abs().max() < 1e-5
+
+
+def test_interleaved_geglu_weight_layout_and_refresh():
+    weight = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(6, 2)  # hidden 3, dim 2
+    inter = kernels.interleave_geglu_weight(weight, block_n=2)  # 2 blocks, hidden padded to 4
+    value, gate = weight[:3], weight[3:]
+    zero = torch.zeros(1, 2)
+    assert torch.equal(inter, torch.cat([value[:2], gate[:2], value[2:], zero, gate[2:], zero]))
+    cache = kernels.InterleavedGegluWeight()
+    first = cache(weight)
+    assert cache(weight) is first
+    weight.mul_(2)  # in place, as load_state_dict does
+    assert torch.equal(cache(weight), kernels.interleave_geglu_weight(weight))
 
 
 def test_linear_add_contiguous_and_strided():
@@ -216,7 +247,7 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
 
 def test_optimized_vae_with_kernels_matches_diffusers(monkeypatch):
     """The temporal VAE as `optimize_vae` runs it (kernel GroupNorm+SiLU with the conv bias
-    added, bias+residual adds, one-lerp mix) decodes and encodes as diffusers' own forward."""
+    added, bias+residual adds, the mix in the temporal residual sum) decodes and encodes as diffusers' own forward."""
     from diffusers import AutoencoderKLTemporalDecoder
 
     from venhancer.vae import optimize_vae

@@ -260,13 +260,16 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, hidden * 2)
         self.fused = False  # one Triton pass instead of gelu + multiply (set by optimize)
+        # the projection weight as the fused kernel reads it (outside the state dict)
+        self._interleaved = kernels.InterleavedGegluWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.fused and kernels.runs_on(x) and x.shape[-1] <= kernels.GEGLU_MATMUL_MAX_DIM
                 and kernels.matmul_supported(x, self.proj.weight)):
             # Narrow inputs: the gate in the projection's epilogue (the 2*hidden-wide
             # projection never goes to memory); wider ones run faster on cuBLAS.
-            return kernels.geglu_matmul(x, self.proj.weight, self.proj.bias)
+            weight = self.proj.weight
+            return kernels.geglu_matmul(x, weight, self.proj.bias, self._interleaved(weight))
         proj = self.proj(x)
         if self.fused and kernels.runs_on(proj):
             return kernels.geglu(proj)

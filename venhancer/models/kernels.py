@@ -27,6 +27,10 @@ try:
     import triton.language as tl
 except ImportError:  # no Triton: callers fall back to eager kernels
     triton = None
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 GROUPS = GROUP_NORM_GROUPS
 _MAX_PARTIALS = 1024  # statistics programs per item
@@ -172,13 +176,18 @@ if triton is not None:
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _add_bias_kernel(a_ptr, b_ptr, bias_ptr, y_ptr, rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _add_bias_kernel(a_ptr, b_ptr, bias_ptr, scale_ptr, y_ptr, rows, channels, HAS_SCALE: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         offsets, ok, col = _row_block(rows, channels, BLOCK_R, BLOCK_C)
         col_ok = col < channels
         a = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offsets, (a + b + bias[None, :]).to(y_ptr.dtype.element_ty), mask=ok)
+        if HAS_SCALE:
+            y = a + tl.load(scale_ptr).to(tl.float32) * (b + bias[None, :])
+        else:
+            y = a + b + bias[None, :]
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _geglu_kernel(proj_ptr, out_ptr, hidden, BLOCK: tl.constexpr):
@@ -195,10 +204,9 @@ if triton is not None:
 
     @triton.jit
     def _matmul_tile(x_ptr, w_ptr, rows, n_out, dim, pid_m, pid_n,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TWO: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # acc[m, n] = sum_k x[m, k] * w[n, k] over a BLOCK_M x BLOCK_N tile of a row-major
-        # x (rows, dim) and an nn.Linear weight w (out, dim); with TWO, also the tile of rows
-        # n_out + n (the gate half of a GEGLU projection). dim % BLOCK_K == 0.
+        # x (rows, dim) and an nn.Linear weight w (out, dim). dim % BLOCK_K == 0.
         rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -207,44 +215,70 @@ if triton is not None:
         x_tile = x_ptr + rm[:, None] * dim + rk[None, :]
         w_tile = w_ptr + rn[None, :].to(tl.int64) * dim + rk[:, None]  # (BLOCK_K, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, dim, BLOCK_K):
-            x = tl.load(x_tile, mask=m_ok, other=0.0)
-            acc = tl.dot(x, tl.load(w_tile, mask=n_ok, other=0.0), acc)
-            if TWO:
-                acc2 = tl.dot(x, tl.load(w_tile + n_out * dim, mask=n_ok, other=0.0), acc2)
+            acc = tl.dot(tl.load(x_tile, mask=m_ok, other=0.0), tl.load(w_tile, mask=n_ok, other=0.0), acc)
             x_tile += BLOCK_K
             w_tile += BLOCK_K
-        return acc, acc2, rm, rn
+        return acc, rm, rn
 
     @triton.jit
-    def _tile_ids(rows, n_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        # Programs walk GROUP_M row blocks across all column blocks before moving on, so the
-        # x tiles they share stay in L2.
-        pid = tl.program_id(0)
+    def _tile_coords(tile, rows, n_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # Tiles go GROUP_M row blocks across all column blocks before moving on, so the x tiles
+        # that neighbouring programs share stay in L2.
         blocks_m = tl.cdiv(rows, BLOCK_M)
         blocks_n = tl.cdiv(n_out, BLOCK_N)
         per_group = GROUP_M * blocks_n
-        first_m = (pid // per_group) * GROUP_M
+        first_m = (tile // per_group) * GROUP_M
         group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-        return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+        return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
     @triton.jit
-    def _geglu_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, rows, hidden, dim,
+    def _tile_ids(rows, n_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        return _tile_coords(tl.program_id(0), rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
+
+    @triton.jit
+    def _geglu_matmul_kernel(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, num_programs,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
-        # out = (x @ W[:hidden].T + b[:hidden]) * gelu(x @ W[hidden:].T + b[hidden:]): the GEGLU
-        # projection with its gate applied in the epilogue, so the 2*hidden-wide projection never
-        # goes to memory.
-        pid_m, pid_n = _tile_ids(rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
-        value, gate, rm, rn = _matmul_tile(x_ptr, w_ptr, rows, hidden, dim, pid_m, pid_n,
-                                           BLOCK_M, BLOCK_N, BLOCK_K, True)
-        n_ok = rn < hidden
-        value += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        gate += tl.load(b_ptr + hidden + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-        ok = (rm < rows)[:, None] & n_ok[None, :]
-        tl.store(out_ptr + rm[:, None] * hidden + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+                             GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, INT64: tl.constexpr):
+        # out = (x @ Wv.T + bv) * gelu(x @ Wg.T + bg): the GEGLU projection with its gate in the
+        # epilogue, so the 2*hidden-wide projection never goes to memory. Persistent: each
+        # program walks tiles start, start + num_programs, ... in one flattened loop, so the
+        # next tile's loads overlap this tile's epilogue (dim is only a few BLOCK_Ks). The
+        # weight comes interleaved (`interleave_geglu_weight`): rows [2*BLOCK_N*j, 2*BLOCK_N*(j+1))
+        # are value block j then gate block j, one (BLOCK_M, 2*BLOCK_N) product per k step.
+        # x_src / w_src are TMA descriptors with USE_TMA, else pointers.
+        idx = tl.int64 if INT64 else tl.int32
+        num_tiles = tl.cdiv(rows, BLOCK_M) * tl.cdiv(hidden, BLOCK_N)
+        # The epilogue's tile is tracked by its own counter (as Triton's persistent matmul
+        # tutorial does): nothing computed before the k loop stays live across it, which lets
+        # the flattened loop overlap this tile's epilogue with the next tile's loads.
+        tile_out = tl.program_id(0) - num_programs
+        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+            tile_out += num_programs
+            pid_m, pid_n = _tile_coords(tile, rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+            for k in range(0, dim, BLOCK_K):
+                if USE_TMA:  # rows past the end read as zeros
+                    x = x_src.load([pid_m * BLOCK_M, k])
+                    w = w_src.load([pid_n * (2 * BLOCK_N), k])
+                else:
+                    rm = pid_m.to(idx) * BLOCK_M + tl.arange(0, BLOCK_M)
+                    rw = pid_n.to(idx) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)  # in range: padded weight
+                    rk = k + tl.arange(0, BLOCK_K)
+                    x = tl.load(x_src + tl.where(rm < rows, rm, 0)[:, None] * dim + rk[None, :])
+                    w = tl.load(w_src + rw[:, None] * dim + rk[None, :])
+                acc = tl.dot(x, w.T, acc)
+            # (M, 2N) -> (M, N) value and gate halves of each row
+            value, gate = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+            pid_m, pid_n = _tile_coords(tile_out, rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < hidden
+            value += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            gate += tl.load(b_ptr + hidden + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+            rm = pid_m.to(idx) * BLOCK_M + tl.arange(0, BLOCK_M)
+            ok = (rm < rows)[:, None] & n_ok[None, :]
+            tl.store(out_ptr + rm[:, None] * hidden + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _linear_add_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, rows, n_out, dim, group_rows, group_stride,
@@ -255,8 +289,7 @@ if triton is not None:
         # residual and the output share one layout: groups of `group_rows` rows of n_out
         # contiguous elements, consecutive groups `group_stride` elements apart.
         pid_m, pid_n = _tile_ids(rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
-        acc, _, rm, rn = _matmul_tile(x_ptr, w_ptr, rows, n_out, dim, pid_m, pid_n,
-                                      BLOCK_M, BLOCK_N, BLOCK_K, False)
+        acc, rm, rn = _matmul_tile(x_ptr, w_ptr, rows, n_out, dim, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
         n_ok = rn < n_out
         ok = (rm < rows)[:, None] & n_ok[None, :]
         offsets = ((rm // group_rows) * group_stride + (rm % group_rows) * n_out)[:, None] + rn[None, :]
@@ -389,16 +422,18 @@ def add_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.numel() > 0 and _rows_channels(a) is not None)
 
 
-def add_with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def add_with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """a + b + bias[channel] in one pass, for a and b of one channels-innermost layout
-    (`add_supported`); float32 sum, a's dtype and layout out."""
+    (`add_supported`); float32 sum, a's dtype and layout out. With `scale` (a one-element
+    tensor on a's device): a + scale * (b + bias)."""
     items, rows, channels = _rows_channels(a)
     block_c = triton.next_power_of_2(channels)
     block_r = max(1, 8192 // block_c)
     y = torch.empty_like(a)
     total_rows = items * rows
-    _add_bias_kernel[(triton.cdiv(total_rows, block_r),)](a, b, bias, y, total_rows, channels,
-                                                         BLOCK_R=block_r, BLOCK_C=block_c)
+    has_scale = scale is not None
+    _add_bias_kernel[(triton.cdiv(total_rows, block_r),)](a, b, bias, scale if has_scale else bias, y, total_rows,
+                                                         channels, HAS_SCALE=has_scale, BLOCK_R=block_r, BLOCK_C=block_c)
     return y
 
 
@@ -406,14 +441,17 @@ def add_with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch
 # autotuned so that a process pays no tuning runs at start-up. Measured on an H100 at the
 # network's shapes (~300K tokens): for inputs 320 wide the small tile ran the fused Linear +
 # residual 1.56x faster than cuBLAS + an add, for 512 the wide one 1.22x (from 640 on cuBLAS
-# wins); the GEGLU projection of 320-wide inputs ran 1.12x faster than cuBLAS + the gate kernel
-# (from 512 on, slower).
+# wins).
 LINEAR_ADD_CONFIG_UP_TO_320 = (128, 64, 64, 4, 4)
 LINEAR_ADD_CONFIG = (128, 256, 64, 8, 3)
-GEGLU_MATMUL_CONFIG = (128, 128, 32, 8, 4)
+# The persistent GEGLU kernel (BLOCK_N counts output columns: each tile is 2*BLOCK_N products
+# wide). Measured on an H200 (262144 tokens, fp16) against the previous non-persistent kernel
+# and against cuBLAS + the gate kernel: 320-wide inputs 1.14 vs 1.52 vs 1.55 ms, 640-wide 3.24 vs
+# 4.42 vs 4.33 ms (scratch sweep of 4 designs x ~6 tile shapes; `benchmarks/bench.py matmul`).
+GEGLU_MATMUL_CONFIG = (128, 128, 64, 8, 3)
 # Widest inputs for which the fused kernels are used.
 LINEAR_ADD_MAX_DIM = 512
-GEGLU_MATMUL_MAX_DIM = 320
+GEGLU_MATMUL_MAX_DIM = 640
 
 
 def matmul_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -435,15 +473,78 @@ def _launch_matmul(kernel, config, rows: int, n_out: int, dim: int, *args) -> No
                  num_warps=warps, num_stages=stages)
 
 
-def geglu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def interleave_geglu_weight(weight: torch.Tensor, block_n: int | None = None) -> torch.Tensor:
+    """A GEGLU projection weight (2*hidden, dim) = [value rows; gate rows] rearranged for
+    `geglu_matmul`: block j of 2*block_n rows is value rows [j*block_n, (j+1)*block_n) then the
+    same gate rows, hidden padded with zero rows to a multiple of block_n."""
+    block_n = block_n or GEGLU_MATMUL_CONFIG[1]
+    hidden, dim = weight.shape[0] // 2, weight.shape[1]
+    blocks = -(-hidden // block_n)
+    halves = weight.detach().view(2, hidden, dim)
+    padded = halves.new_zeros(2, blocks * block_n, dim)
+    padded[:, :hidden] = halves
+    # (2, blocks, block_n, dim) -> (blocks, 2, block_n, dim): value block j, then gate block j
+    return padded.view(2, blocks, block_n, dim).transpose(0, 1).reshape(2 * blocks * block_n, dim)
+
+
+class InterleavedGegluWeight:
+    """`interleave_geglu_weight` of a projection weight, made on first use and again whenever the
+    weight is replaced or changed in place; held outside the state dict."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._weight: torch.Tensor | None = None
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
+        if self._key != key:
+            self._weight = interleave_geglu_weight(weight)
+            self._key = key
+        return self._weight
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _programs(device: torch.device, tiles: int) -> int:
+    """One persistent program per SM (fewer if there are fewer tiles)."""
+    if device.type != "cuda":
+        return max(1, min(tiles, 4))  # the interpreter: a few programs, each walking several tiles
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(tiles, _SM_COUNTS[index]))
+
+
+def geglu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 interleaved: torch.Tensor | None = None) -> torch.Tensor:
     """GEGLU(x) = value * gelu(gate) with [value | gate] = x @ weight.T + bias, in one kernel
     (float32 accumulation and epilogue, one rounding to x's dtype); x (..., dim), weight
-    (2*hidden, dim) -> (..., hidden). See `matmul_supported`."""
+    (2*hidden, dim) -> (..., hidden). `interleaved`: `interleave_geglu_weight(weight)`, if the
+    caller keeps it (else made here). See `matmul_supported`."""
+    block_m, block_n, block_k, warps, stages = GEGLU_MATMUL_CONFIG
     dim = x.shape[-1]
     hidden = weight.shape[0] // 2
     rows = x.numel() // dim
     out = torch.empty((*x.shape[:-1], hidden), device=x.device, dtype=x.dtype)
-    _launch_matmul(_geglu_matmul_kernel, GEGLU_MATMUL_CONFIG, rows, hidden, dim, x, weight, bias, out, rows, hidden, dim)
+    if interleaved is None:
+        interleaved = interleave_geglu_weight(weight, block_n)
+    while dim % block_k:  # dim is a multiple of 16 (matmul_supported)
+        block_k //= 2
+    x2 = x.view(rows, dim)
+    # TMA needs 16-byte aligned bases (strides are: dim % 16 == 0)
+    use_tma = TensorDescriptor is not None and x2.data_ptr() % 16 == 0 and interleaved.data_ptr() % 16 == 0
+    if use_tma:
+        x_src = TensorDescriptor.from_tensor(x2, [block_m, block_k])
+        w_src = TensorDescriptor.from_tensor(interleaved, [2 * block_n, block_k])
+    else:
+        x_src, w_src = x2, interleaved
+    int64 = max(rows * max(dim, hidden), interleaved.numel()) + 2 * block_m * max(dim, hidden) >= 2**31
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(hidden, block_n)
+    programs = _programs(x.device, tiles)
+    _geglu_matmul_kernel[(programs,)](x_src, w_src, bias, out, rows, hidden, dim, programs,
+                                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                                      USE_TMA=use_tma, INT64=int64, num_warps=warps, num_stages=stages)
     return out
 
 
