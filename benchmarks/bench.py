@@ -366,14 +366,15 @@ def run_matmul(args) -> dict:
             w = torch.randn(out_width, dim, generator=gen, **half) / dim**0.5
             b = torch.randn(out_width, generator=gen, **half)
             if kind == "geglu":
-                base, fused = (lambda: kernels.geglu(F.linear(x, w, b))), (lambda: kernels.geglu_matmul(x, w, b))
+                inter = kernels.interleave_geglu_weight(w)  # kept by the module in the network
+                base, fused = (lambda: kernels.geglu(F.linear(x, w, b))), (lambda: kernels.geglu_matmul(x, w, b, inter))
             else:
                 r = torch.randn(rows, width, generator=gen, **half)
                 base, fused = (lambda: r + F.linear(x, w, b)), (lambda: kernels.linear_add(x, w, b, r))
             ref = base().float()
             err = float((fused().float() - ref).norm() / ref.norm())
             t_base, t_fused = (statistics.median(cuda_time(fn, 5)) for fn in (base, fused))
-            used = dim <= (kernels.GEGLU_MATMUL_MAX_DIM if kind == "geglu" else kernels.LINEAR_ADD_MAX_DIM)
+            used = kernels.geglu_matmul_supported(x, w) if kind == "geglu" else dim <= kernels.LINEAR_ADD_MAX_DIM
             res["rows"].append({"kind": kind, "tokens": rows, "in": dim, "out": width, "cublas_s": t_base,
                                 "fused_s": t_fused, "rel_err": err, "used_by_network": used})
     return res

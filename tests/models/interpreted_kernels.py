@@ -105,12 +105,14 @@ def test_geglu_matmul_matches_eager(dtype, tol):
     assert (got.double() - want).abs().max() / want.abs().max() < tol
 
 
-@pytest.mark.parametrize("tma", [True, False])
-def test_geglu_matmul_walks_several_tiles_per_program(tma, monkeypatch):
-    """3 row tiles x 2 column tiles (the second padded) over 4 persistent programs, through TMA
-    descriptors and through plain pointers."""
+@pytest.mark.parametrize("tma, flatten", [(True, True), (False, True), (True, False)])
+def test_geglu_matmul_walks_several_tiles_per_program(tma, flatten, monkeypatch):
+    """3 row tiles x 2 column tiles (the second padded) over 4 persistent programs: through TMA
+    descriptors and through plain pointers (GPUs before Hopper, Triton without descriptors),
+    with and without the flattened loop (Triton before 3.3)."""
     if not tma:
         monkeypatch.setattr(kernels, "TensorDescriptor", None)
+    monkeypatch.setattr(kernels, "_HAS_FLATTEN", flatten)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(300, 64, generator=gen)
     weight = torch.randn(2 * 200, 64, generator=gen) / 8

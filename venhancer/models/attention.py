@@ -264,8 +264,7 @@ class GEGLU(nn.Module):
         self._interleaved = kernels.InterleavedGegluWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.fused and kernels.runs_on(x) and x.shape[-1] <= kernels.GEGLU_MATMUL_MAX_DIM
-                and kernels.matmul_supported(x, self.proj.weight)):
+        if self.fused and kernels.runs_on(x) and kernels.geglu_matmul_supported(x, self.proj.weight):
             # Narrow inputs: the gate in the projection's epilogue (the 2*hidden-wide
             # projection never goes to memory); wider ones run faster on cuBLAS.
             weight = self.proj.weight

@@ -15,6 +15,7 @@ under Triton's CPU interpreter (`TRITON_INTERPRET=1`) against the eager code.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -31,6 +32,8 @@ try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
+# tl.range(..., flatten=True) (Triton >= 3.3): one software-pipelined loop over tiles and k steps.
+_HAS_FLATTEN = triton is not None and "flatten" in inspect.signature(tl.range).parameters
 
 GROUPS = GROUP_NORM_GROUPS
 _MAX_PARTIALS = 1024  # statistics programs per item
@@ -237,48 +240,64 @@ if triton is not None:
         return _tile_coords(tl.program_id(0), rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
 
     @triton.jit
+    def _geglu_tile(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, tile, tile_out,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, IDX: tl.constexpr):
+        # One output tile of `_geglu_matmul_kernel`: products for `tile`, epilogue for `tile_out`
+        # (the same tile, tracked by its own counter, as Triton's persistent matmul tutorial
+        # does: nothing computed before the k loop stays live across it, which lets a flattened
+        # loop overlap this tile's epilogue with the next tile's loads).
+        pid_m, pid_n = _tile_coords(tile, rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k in range(0, dim, BLOCK_K):
+            if USE_TMA:  # rows past the end read as zeros
+                x = x_src.load([pid_m * BLOCK_M, k])
+                w = w_src.load([pid_n * (2 * BLOCK_N), k])
+            else:
+                rm = pid_m.to(IDX) * BLOCK_M + tl.arange(0, BLOCK_M)
+                rw = pid_n.to(IDX) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)  # in range: padded weight
+                rk = k + tl.arange(0, BLOCK_K)
+                x = tl.load(x_src + tl.where(rm < rows, rm, 0)[:, None] * dim + rk[None, :])
+                w = tl.load(w_src + rw[:, None] * dim + rk[None, :])
+            acc = tl.dot(x, w.T, acc)
+        # (M, 2N) -> (M, N) value and gate halves of each row
+        value, gate = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        pid_m, pid_n = _tile_coords(tile_out, rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < hidden
+        value += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        gate += tl.load(b_ptr + hidden + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+        rm = pid_m.to(IDX) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = (rm < rows)[:, None] & n_ok[None, :]
+        tl.store(out_ptr + rm[:, None] * hidden + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _geglu_matmul_kernel(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, num_programs,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, INT64: tl.constexpr):
+                             GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
+                             INT64: tl.constexpr):
         # out = (x @ Wv.T + bv) * gelu(x @ Wg.T + bg): the GEGLU projection with its gate in the
         # epilogue, so the 2*hidden-wide projection never goes to memory. Persistent: each
-        # program walks tiles start, start + num_programs, ... in one flattened loop, so the
-        # next tile's loads overlap this tile's epilogue (dim is only a few BLOCK_Ks). The
-        # weight comes interleaved (`interleave_geglu_weight`): rows [2*BLOCK_N*j, 2*BLOCK_N*(j+1))
-        # are value block j then gate block j, one (BLOCK_M, 2*BLOCK_N) product per k step.
-        # x_src / w_src are TMA descriptors with USE_TMA, else pointers.
+        # program walks tiles start, start + num_programs, ...; with FLATTEN in one software-
+        # pipelined loop over tiles and k steps, so the next tile's loads overlap this tile's
+        # epilogue (dim is only a few BLOCK_Ks). The weight comes interleaved
+        # (`interleave_geglu_weight`): rows [2*BLOCK_N*j, 2*BLOCK_N*(j+1)) are value block j then
+        # gate block j, one (BLOCK_M, 2*BLOCK_N) product per k step. x_src / w_src are TMA
+        # descriptors with USE_TMA, else pointers.
         idx = tl.int64 if INT64 else tl.int32
         num_tiles = tl.cdiv(rows, BLOCK_M) * tl.cdiv(hidden, BLOCK_N)
-        # The epilogue's tile is tracked by its own counter (as Triton's persistent matmul
-        # tutorial does): nothing computed before the k loop stays live across it, which lets
-        # the flattened loop overlap this tile's epilogue with the next tile's loads.
         tile_out = tl.program_id(0) - num_programs
-        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
-            tile_out += num_programs
-            pid_m, pid_n = _tile_coords(tile, rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-            for k in range(0, dim, BLOCK_K):
-                if USE_TMA:  # rows past the end read as zeros
-                    x = x_src.load([pid_m * BLOCK_M, k])
-                    w = w_src.load([pid_n * (2 * BLOCK_N), k])
-                else:
-                    rm = pid_m.to(idx) * BLOCK_M + tl.arange(0, BLOCK_M)
-                    rw = pid_n.to(idx) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)  # in range: padded weight
-                    rk = k + tl.arange(0, BLOCK_K)
-                    x = tl.load(x_src + tl.where(rm < rows, rm, 0)[:, None] * dim + rk[None, :])
-                    w = tl.load(w_src + rw[:, None] * dim + rk[None, :])
-                acc = tl.dot(x, w.T, acc)
-            # (M, 2N) -> (M, N) value and gate halves of each row
-            value, gate = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-            pid_m, pid_n = _tile_coords(tile_out, rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = rn < hidden
-            value += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            gate += tl.load(b_ptr + hidden + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-            rm = pid_m.to(idx) * BLOCK_M + tl.arange(0, BLOCK_M)
-            ok = (rm < rows)[:, None] & n_ok[None, :]
-            tl.store(out_ptr + rm[:, None] * hidden + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+        if FLATTEN:
+            for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+                tile_out += num_programs
+                _geglu_tile(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, tile, tile_out,
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, idx)
+        else:
+            for tile in range(tl.program_id(0), num_tiles, num_programs):
+                tile_out += num_programs
+                _geglu_tile(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, tile, tile_out,
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, idx)
 
     @triton.jit
     def _linear_add_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, rows, n_out, dim, group_rows, group_stride,
@@ -506,6 +525,22 @@ class InterleavedGegluWeight:
 _SM_COUNTS: dict[int, int] = {}
 
 
+def _has_tma(device: torch.device) -> bool:
+    """Hopper or later (compute capability 9.0+): tensor-memory-accelerator loads and the
+    228 KB of shared memory per block that GEGLU_MATMUL_CONFIG's pipeline uses. The interpreter
+    emulates both."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def geglu_matmul_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `geglu_matmul` takes x and weight: `matmul_supported`, at most
+    GEGLU_MATMUL_MAX_DIM wide, on a Hopper-class GPU (where it was tuned and measured; elsewhere
+    cuBLAS and the gate kernel run it)."""
+    return x.shape[-1] <= GEGLU_MATMUL_MAX_DIM and matmul_supported(x, weight) and _has_tma(x.device)
+
+
 def _programs(device: torch.device, tiles: int) -> int:
     """One persistent program per SM (fewer if there are fewer tiles)."""
     if device.type != "cuda":
@@ -521,7 +556,7 @@ def geglu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """GEGLU(x) = value * gelu(gate) with [value | gate] = x @ weight.T + bias, in one kernel
     (float32 accumulation and epilogue, one rounding to x's dtype); x (..., dim), weight
     (2*hidden, dim) -> (..., hidden). `interleaved`: `interleave_geglu_weight(weight)`, if the
-    caller keeps it (else made here). See `matmul_supported`."""
+    caller keeps it (else made here). See `geglu_matmul_supported`."""
     block_m, block_n, block_k, warps, stages = GEGLU_MATMUL_CONFIG
     dim = x.shape[-1]
     hidden = weight.shape[0] // 2
@@ -532,7 +567,7 @@ def geglu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     while dim % block_k:  # dim is a multiple of 16 (matmul_supported)
         block_k //= 2
     x2 = x.view(rows, dim)
-    # TMA needs 16-byte aligned bases (strides are: dim % 16 == 0)
+    # TMA needs 16-byte aligned bases (strides are: dim % 16 == 0); else plain loads
     use_tma = TensorDescriptor is not None and x2.data_ptr() % 16 == 0 and interleaved.data_ptr() % 16 == 0
     if use_tma:
         x_src = TensorDescriptor.from_tensor(x2, [block_m, block_k])
@@ -544,7 +579,8 @@ def geglu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     programs = _programs(x.device, tiles)
     _geglu_matmul_kernel[(programs,)](x_src, w_src, bias, out, rows, hidden, dim, programs,
                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                                      USE_TMA=use_tma, INT64=int64, num_warps=warps, num_stages=stages)
+                                      USE_TMA=use_tma, FLATTEN=_HAS_FLATTEN, INT64=int64, num_warps=warps,
+                                      num_stages=stages)
     return out
 
 
