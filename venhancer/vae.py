@@ -23,8 +23,8 @@ from torch import nn
 
 from venhancer.diffusion.chunking import blend_time
 from venhancer.models.config import GROUP_NORM_GROUPS
-from venhancer.models.layers import (GroupNorm32, UpsampleKernel, add_with_channel_bias, conv_without_bias,
-                                     shortcut_without_bias)
+from venhancer.models.layers import (DerivedWeight, GroupNorm32, add_with_channel_bias, conv_without_bias,
+                                     shortcut_without_bias, upsample_conv_kernel)
 from venhancer.models.optimize import set_conv_weight_layout
 from venhancer.planning import (
     VAE_FRAME_OVERLAP,
@@ -141,7 +141,7 @@ class _TransposedUpsample2D(Upsample2D):
         if output_size is not None or args or kwargs:
             return super().forward(hidden_states, output_size, *args, **kwargs)
         if not hasattr(self, "_kernel"):
-            self._kernel = UpsampleKernel()
+            self._kernel = DerivedWeight(upsample_conv_kernel)
         return F.conv_transpose2d(hidden_states, self._kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
 
 

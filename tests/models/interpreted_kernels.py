@@ -129,7 +129,9 @@ def test_interleaved_geglu_weight_layout_and_refresh():
     value, gate = weight[:3], weight[3:]
     zero = torch.zeros(1, 2)
     assert torch.equal(inter, torch.cat([value[:2], gate[:2], value[2:], zero, gate[2:], zero]))
-    cache = kernels.InterleavedGegluWeight()
+    from venhancer.models.layers import DerivedWeight
+
+    cache = DerivedWeight(kernels.interleave_geglu_weight)
     first = cache(weight)
     assert cache(weight) is first
     weight.mul_(2)  # in place, as load_state_dict does

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
-from .layers import GroupNorm32
+from .layers import DerivedWeight, GroupNorm32
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, hidden * 2)
         self.fused = False  # one Triton pass instead of gelu + multiply (set by optimize)
         # the projection weight as the fused kernel reads it (outside the state dict)
-        self._interleaved = kernels.InterleavedGegluWeight()
+        self._interleaved = DerivedWeight(kernels.interleave_geglu_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and kernels.runs_on(x) and kernels.geglu_matmul_supported(x, self.proj.weight):

@@ -508,22 +508,6 @@ def interleave_geglu_weight(weight: torch.Tensor, block_n: int | None = None) ->
     return padded.view(2, blocks, block_n, dim).transpose(0, 1).reshape(2 * blocks * block_n, dim)
 
 
-class InterleavedGegluWeight:
-    """`interleave_geglu_weight` of a projection weight, made on first use and again whenever the
-    weight is replaced or changed in place; held outside the state dict."""
-
-    def __init__(self):
-        self._key: tuple | None = None
-        self._weight: torch.Tensor | None = None
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
-        if self._key != key:
-            self._weight = interleave_geglu_weight(weight)
-            self._key = key
-        return self._weight
-
-
 _SM_COUNTS: dict[int, int] = {}
 
 

@@ -271,29 +271,31 @@ _UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
 def upsample_conv_kernel(weight: torch.Tensor) -> torch.Tensor:
     """conv2d weight (c_out, c_in, 3, 3) -> conv_transpose2d weight (c_in, c_out, 4, 4) such that
     conv_transpose2d(x, kernel, stride=2, padding=1) == conv2d(nearest_x2(x), weight, padding=1).
-    Taps are summed in at least float32 and rounded once to the weight's dtype."""
+    Taps are summed in at least float32 and rounded once to the weight's dtype; the kernel
+    takes the weight's memory layout (channels-last for cuDNN's NHWC kernels once optimized)."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
     taps = torch.tensor(_UPSAMPLE_TAPS, dtype=dtype, device=weight.device)
     kernel = torch.einsum("ya,oiab,xb->ioyx", taps, weight.to(dtype), taps)
-    return kernel.to(weight.dtype)
+    layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return kernel.to(weight.dtype).contiguous(memory_format=layout)
 
 
-class UpsampleKernel:
-    """`upsample_conv_kernel` of a conv weight, derived on first use and again whenever the
-    weight is replaced or changed in place; held outside the state dict, so checkpoints load
-    unchanged."""
+class DerivedWeight:
+    """`derive(weight)` for a parameter, made on first use and again whenever the weight is
+    replaced or changed in place (as `load_state_dict` does); held outside the state dict, so
+    checkpoints load unchanged. For weights that an optimized kernel reads rearranged."""
 
-    def __init__(self):
+    def __init__(self, derive):
+        self._derive = derive
         self._key: tuple | None = None
-        self._kernel: torch.Tensor | None = None
+        self._value: torch.Tensor | None = None
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, weight.shape)
         if self._key != key:
-            layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            self._kernel = upsample_conv_kernel(weight).contiguous(memory_format=layout)
+            self._value = self._derive(weight)
             self._key = key
-        return self._kernel
+        return self._value
 
 
 class Upsample(nn.Module):
@@ -308,7 +310,7 @@ class Upsample(nn.Module):
         # Set by optimize: run as one transposed convolution (`upsample_conv_kernel`), 4/9 of
         # the multiply-adds and no interpolated copy (~2x faster on an H100 at 31 frames).
         self.transposed = False
-        self._transposed_kernel = UpsampleKernel()
+        self._transposed_kernel = DerivedWeight(upsample_conv_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = self._upsample_transposed if self.transposed and x.shape[-2] >= 2 else self._upsample
