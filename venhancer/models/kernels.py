@@ -466,9 +466,9 @@ def add_with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, scale: t
 LINEAR_ADD_CONFIG_UP_TO_320 = (128, 64, 64, 4, 4)
 LINEAR_ADD_CONFIG = (128, 256, 64, 8, 3)
 # The persistent GEGLU kernel (BLOCK_N counts output columns: each tile is 2*BLOCK_N products
-# wide). Measured on an H200 (262144 tokens, fp16) against the previous non-persistent kernel
-# and against cuBLAS + the gate kernel: 320-wide inputs 1.14 vs 1.52 vs 1.55 ms, 640-wide 3.24 vs
-# 4.42 vs 4.33 ms (scratch sweep of 4 designs x ~6 tile shapes; `benchmarks/bench.py matmul`).
+# wide), picked from a sweep of 4 designs x ~6 tile shapes on an H200. `benchmarks/bench.py
+# matmul` on an H100 (262144 tokens, fp16), against cuBLAS + the gate kernel: 320-wide inputs
+# 1.50 vs 1.94 ms, 512-wide 2.47 vs 2.99, 640-wide 3.60 vs 4.20; 1280-wide only ties (H200).
 GEGLU_MATMUL_CONFIG = (128, 128, 64, 8, 3)
 # Widest inputs for which the fused kernels are used.
 LINEAR_ADD_MAX_DIM = 512
@@ -513,8 +513,8 @@ _SM_COUNTS: dict[int, int] = {}
 
 def _has_tma(device: torch.device) -> bool:
     """Hopper or later (compute capability 9.0+): tensor-memory-accelerator loads and the
-    228 KB of shared memory per block that GEGLU_MATMUL_CONFIG's pipeline uses. The interpreter
-    emulates both."""
+    ~180 KB of shared memory per block that GEGLU_MATMUL_CONFIG's 3-stage pipeline uses (Ampere
+    and Ada cards have at most 164 / 99 KB). The interpreter emulates both."""
     if device.type != "cuda":
         return True
     return torch.cuda.get_device_capability(device)[0] >= 9

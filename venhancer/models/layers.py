@@ -308,7 +308,7 @@ class Upsample(nn.Module):
         # ever held for a few frames.
         self.frame_chunk: int | None = None
         # Set by optimize: run as one transposed convolution (`upsample_conv_kernel`), 4/9 of
-        # the multiply-adds and no interpolated copy (~2x faster on an H100 at 31 frames).
+        # the multiply-adds and no interpolated copy (~2x faster on an H200 at 31 frames).
         self.transposed = False
         self._transposed_kernel = DerivedWeight(upsample_conv_kernel)
 
