@@ -140,8 +140,6 @@ class _TransposedUpsample2D(Upsample2D):
     def forward(self, hidden_states: torch.Tensor, output_size: int | None = None, *args, **kwargs) -> torch.Tensor:
         if output_size is not None or args or kwargs:
             return super().forward(hidden_states, output_size, *args, **kwargs)
-        if not hasattr(self, "_kernel"):
-            self._kernel = DerivedWeight(upsample_conv_kernel)
         return F.conv_transpose2d(hidden_states, self._kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
 
 
@@ -195,6 +193,7 @@ def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDeco
             module.__class__ = _FusedSpatioTemporalResBlock
         elif _transposable_upsample(module):
             module.__class__ = _TransposedUpsample2D
+            module._kernel = DerivedWeight(upsample_conv_kernel)  # derived from conv.weight on first use
         # The encoder's and decoder's closing norm + activation (used nowhere else).
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if isinstance(norm, GroupNorm32) and isinstance(act, nn.SiLU):
