@@ -138,7 +138,10 @@ def test_interleaved_geglu_weight_layout_and_refresh():
     assert torch.equal(cache(weight), kernels.interleave_geglu_weight(weight))
 
 
-def test_linear_add_contiguous_and_strided():
+@pytest.mark.parametrize("persistent", [True, False])
+def test_linear_add_contiguous_and_strided(persistent, monkeypatch):
+    """Through the persistent kernel (Hopper-class GPUs) and the one-tile-per-program one."""
+    monkeypatch.setattr(kernels, "PERSISTENT_LINEAR_ADD", persistent)
     gen = torch.Generator().manual_seed(4)
     weight, bias = torch.randn(40, 64, generator=gen) / 8, torch.randn(40, generator=gen)
     x = torch.randn(1, 3 * 5, 64, generator=gen)  # 3 frames x 5 pixels, frame-major
@@ -156,6 +159,25 @@ def test_linear_add_contiguous_and_strided():
     assert (out[:, cols].double() - want).abs().max() < 1e-5
     assert out[:, :2].abs().max() == 0 and out[:, 7:].abs().max() == 0  # nothing written outside
     assert not kernels.linear_add_supported(x, weight, video[:, cols].transpose(0, 1))
+
+
+@pytest.mark.parametrize("tma, flatten", [(True, True), (False, True), (True, False)])
+def test_persistent_linear_add_walks_several_tiles_per_program(tma, flatten, monkeypatch):
+    """5 row tiles x 3 column tiles (the third partial) over 4 programs, into a strided residual,
+    through TMA descriptors and plain pointers, with and without the flattened loop."""
+    if not tma:
+        monkeypatch.setattr(kernels, "TensorDescriptor", None)
+    monkeypatch.setattr(kernels, "_HAS_FLATTEN", flatten)
+    gen = torch.Generator().manual_seed(6)
+    frames, pixels, width = 4, 300, 320  # 1040 rows of 320 -> 5 x 256-row tiles, 3 x 128 columns
+    weight, bias = torch.randn(width, 128, generator=gen) / 11, torch.randn(width, generator=gen)
+    x = torch.randn(frames * 260, 128, generator=gen)  # 260 of each frame's 300 pixels
+    video = torch.randn(frames, pixels, width, generator=gen)
+    cols = slice(30, 290)
+    want = video[:, cols].double() + F.linear(x.double(), weight.double(), bias.double()).view(frames, 260, width)
+    assert kernels.persistent_linear_add_wins(x, weight)
+    kernels.linear_add(x, weight, bias, video[:, cols], out=video[:, cols])  # in place
+    assert (video[:, cols].double() - want).abs().max() < 1e-5
 
 
 def _frame_attention_eager(q, k, v, heads, frames):
@@ -229,7 +251,7 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
         return forward(self, x, add)
 
     monkeypatch.setattr(GroupNorm32, "forward", norm_forward)
-    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=37, spatial_frame_chunk=2, temporal_chunk_tokens=23))
+    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=37, spatial_chunk_tokens=320, temporal_chunk_tokens=23))
     with torch.no_grad():
         out = model(*call_args(tiny_case))
     # Every GroupNorm input of a layout the kernel takes went through it (on the CPU the

@@ -19,9 +19,10 @@ REL_L2 = 1e-4
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("chunk, frames, temporal, resblock", [(None, None, None, None), (37, 2, 13, 2), (None, 1, 2**19, 3)])
-def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, frames, temporal, resblock):
-    options = InferenceOptions(ff_chunk_tokens=chunk, spatial_frame_chunk=frames, temporal_chunk_tokens=temporal,
+# spatial 320: 2 of the 5 frames per pass at level 0 (10x16 tokens), all 5 at the deeper levels
+@pytest.mark.parametrize("chunk, spatial, temporal, resblock", [(None, None, None, None), (37, 320, 13, 2), (None, 1, 2**19, 3)])
+def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, spatial, temporal, resblock):
+    options = InferenceOptions(ff_chunk_tokens=chunk, spatial_chunk_tokens=spatial, temporal_chunk_tokens=temporal,
                                conv_frame_chunk=resblock)
     model = optimize_for_inference(copy.deepcopy(tiny_model), options)
     with torch.no_grad():
@@ -63,7 +64,7 @@ def test_fused_projections_share_the_weights(tiny_model):
 
 def test_batch_of_two_matches_items(tiny_model, tiny_case):
     # Frame chunks of 2 over 5-frame items: a chunk never mixes the two items' text contexts.
-    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(spatial_frame_chunk=2))
+    model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(spatial_chunk_tokens=320))
     x, t, y, hint, t_hint, s_cond, mask = call_args(tiny_case)
     y2 = torch.cat([y, -y])
     with torch.no_grad():
@@ -76,8 +77,8 @@ def test_batch_of_two_matches_items(tiny_model, tiny_case):
 def test_invalid_chunk_rejected():
     with pytest.raises(ValueError, match="ff_chunk_tokens"):
         InferenceOptions(ff_chunk_tokens=0)
-    with pytest.raises(ValueError, match="spatial_frame_chunk .*-1"):
-        InferenceOptions(spatial_frame_chunk=-1)
+    with pytest.raises(ValueError, match="spatial_chunk_tokens .*-1"):
+        InferenceOptions(spatial_chunk_tokens=-1)
     with pytest.raises(ValueError, match="temporal_chunk_tokens"):
         InferenceOptions(temporal_chunk_tokens=0)
     with pytest.raises(ValueError, match="conv_frame_chunk .*True"):
@@ -88,7 +89,7 @@ def test_low_vram_preset_matches_reference(tiny_model, tiny_case):
     """The low-memory preset only changes pass sizes: the result is the reference's. The
     ResBlocks really run in chunks (the decoder's skips concatenated per chunk)."""
     options = InferenceOptions.low_vram()
-    assert options.conv_frame_chunk and options.spatial_frame_chunk
+    assert options.conv_frame_chunk and options.spatial_chunk_tokens
     model = optimize_for_inference(copy.deepcopy(tiny_model), options)
     seen = []
     for block in model.modules():

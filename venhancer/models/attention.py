@@ -371,16 +371,18 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, context_dim=context_dim)])
         self.proj_out = nn.Linear(inner, channels)
-        self.frame_chunk: int | None = None
+        self.chunk_tokens: int | None = None
         self.fused = False  # see `linear_plus` (set by optimize)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: ((b f), c, h, w); context: (b, M, context_dim), shared by the f frames of a video.
 
-        With `frame_chunk` set, runs over at most that many frames of one video at a time: every
-        step here is per frame, so the result is the same with a fraction of the transient memory.
+        With `chunk_tokens` set, runs over whole frames of one video at a time, at most that many
+        tokens (at least one frame): every step here is per frame, so the result is the same with
+        a fraction of the transient memory.
         """
-        step = self.frame_chunk or num_frames
+        pixels = x.shape[2] * x.shape[3]
+        step = num_frames if self.chunk_tokens is None else max(1, self.chunk_tokens // pixels)
         if step >= num_frames:
             return self._run_frames(x, context, num_frames)
         out = torch.empty_like(x)

@@ -247,64 +247,78 @@ if triton is not None:
         return _tile_coords(tl.program_id(0), rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
 
     @triton.jit
-    def _geglu_tile(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, tile, tile_out,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, IDX: tl.constexpr):
-        # One output tile of `_geglu_matmul_kernel`: products for `tile`, epilogue for `tile_out`
-        # (the same tile, tracked by its own counter, as Triton's persistent matmul tutorial
-        # does: nothing computed before the k loop stays live across it, which lets a flattened
-        # loop overlap this tile's epilogue with the next tile's loads).
-        pid_m, pid_n = _tile_coords(tile, rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    def _persistent_tile(x_src, w_src, b_ptr, res_ptr, out_ptr, rows, n_out, dim, w_rows, group_rows, group_stride,
+                         tile, tile_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         W_BLOCK: tl.constexpr, GROUP_M: tl.constexpr, GEGLU: tl.constexpr, USE_TMA: tl.constexpr,
+                         IDX: tl.constexpr):
+        # One output tile of `_persistent_matmul_kernel`: products for `tile`, epilogue for
+        # `tile_out` (the same tile, tracked by its own counter, as Triton's persistent matmul
+        # tutorial does: nothing computed before the k loop stays live across it, which lets a
+        # flattened loop overlap this tile's epilogue with the next tile's loads).
+        pid_m, pid_n = _tile_coords(tile, rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, W_BLOCK), dtype=tl.float32)
         for k in range(0, dim, BLOCK_K):
             if USE_TMA:  # rows past the end read as zeros
                 x = x_src.load([pid_m * BLOCK_M, k])
-                w = w_src.load([pid_n * (2 * BLOCK_N), k])
-            else:
+                w = w_src.load([pid_n * W_BLOCK, k])
+            else:  # rows past the end read row 0; their products are never stored
                 rm = pid_m.to(IDX) * BLOCK_M + tl.arange(0, BLOCK_M)
-                rw = pid_n.to(IDX) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)  # in range: padded weight
+                rw = pid_n.to(IDX) * W_BLOCK + tl.arange(0, W_BLOCK)
                 rk = k + tl.arange(0, BLOCK_K)
                 x = tl.load(x_src + tl.where(rm < rows, rm, 0)[:, None] * dim + rk[None, :])
-                w = tl.load(w_src + rw[:, None] * dim + rk[None, :])
+                w = tl.load(w_src + tl.where(rw < w_rows, rw, 0)[:, None] * dim + rk[None, :])
             acc = tl.dot(x, w.T, acc)
-        # (M, 2N) -> (M, N) value and gate halves of each row
-        value, gate = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-        pid_m, pid_n = _tile_coords(tile_out, rows, hidden, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = _tile_coords(tile_out, rows, n_out, BLOCK_M, BLOCK_N, GROUP_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < hidden
-        value += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        gate += tl.load(b_ptr + hidden + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+        n_ok = rn < n_out
         rm = pid_m.to(IDX) * BLOCK_M + tl.arange(0, BLOCK_M)
         ok = (rm < rows)[:, None] & n_ok[None, :]
-        tl.store(out_ptr + rm[:, None] * hidden + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+        if GEGLU:
+            # (M, 2N) -> (M, N) value and gate halves of each row
+            value, gate = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+            value += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            gate += tl.load(b_ptr + n_out + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+            offsets = rm[:, None] * n_out + rn[None, :]
+        else:
+            offsets = ((rm // group_rows) * group_stride + (rm % group_rows) * n_out)[:, None] + rn[None, :]
+            out = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out += tl.load(res_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit(do_not_specialize=["rows", "num_programs"])
-    def _geglu_matmul_kernel(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, num_programs,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
-                             INT64: tl.constexpr):
-        # out = (x @ Wv.T + bv) * gelu(x @ Wg.T + bg): the GEGLU projection with its gate in the
-        # epilogue, so the 2*hidden-wide projection never goes to memory. Persistent: each
-        # program walks tiles start, start + num_programs, ...; with FLATTEN in one software-
-        # pipelined loop over tiles and k steps, so the next tile's loads overlap this tile's
-        # epilogue (dim is only a few BLOCK_Ks). The weight comes interleaved
-        # (`interleave_geglu_weight`): rows [2*BLOCK_N*j, 2*BLOCK_N*(j+1)) are value block j then
-        # gate block j, one (BLOCK_M, 2*BLOCK_N) product per k step. x_src / w_src are TMA
-        # descriptors with USE_TMA, else pointers.
+    @triton.jit(do_not_specialize=["rows", "w_rows", "group_rows", "num_programs"])
+    def _persistent_matmul_kernel(x_src, w_src, b_ptr, res_ptr, out_ptr, rows, n_out, dim, w_rows, group_rows,
+                                  group_stride, num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, W_BLOCK: tl.constexpr, GROUP_M: tl.constexpr,
+                                  GEGLU: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
+                                  INT64: tl.constexpr):
+        # x (rows, dim) @ W.T with a fused epilogue, W_BLOCK weight rows per BLOCK_N output
+        # columns:
+        # - GEGLU: out = (x @ Wv.T + bv) * gelu(x @ Wg.T + bg), so the 2*n_out-wide projection
+        #   never goes to memory. The weight comes interleaved (`interleave_geglu_weight`): rows
+        #   [2*BLOCK_N*j, 2*BLOCK_N*(j+1)) are value block j then gate block j, one
+        #   (BLOCK_M, 2*BLOCK_N) product per k step; out is contiguous (rows, n_out).
+        # - else: out = residual + x @ W.T + b (a Linear joining the residual stream, summed in
+        #   float32 instead of a separate pass over both tensors); residual and out share the
+        #   layout of `_row_groups`.
+        # Persistent: each program walks tiles start, start + num_programs, ...; with FLATTEN in
+        # one software-pipelined loop over tiles and k steps, so the next tile's loads overlap
+        # this tile's epilogue. x_src / w_src are TMA descriptors with USE_TMA, else pointers.
         idx = tl.int64 if INT64 else tl.int32
-        num_tiles = tl.cdiv(rows, BLOCK_M) * tl.cdiv(hidden, BLOCK_N)
+        num_tiles = tl.cdiv(rows, BLOCK_M) * tl.cdiv(n_out, BLOCK_N)
         tile_out = tl.program_id(0) - num_programs
         if FLATTEN:
             for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
                 tile_out += num_programs
-                _geglu_tile(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, tile, tile_out,
-                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, idx)
+                _persistent_tile(x_src, w_src, b_ptr, res_ptr, out_ptr, rows, n_out, dim, w_rows, group_rows,
+                                 group_stride, tile, tile_out, BLOCK_M, BLOCK_N, BLOCK_K, W_BLOCK, GROUP_M, GEGLU,
+                                 USE_TMA, idx)
         else:
             for tile in range(tl.program_id(0), num_tiles, num_programs):
                 tile_out += num_programs
-                _geglu_tile(x_src, w_src, b_ptr, out_ptr, rows, hidden, dim, tile, tile_out,
-                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, idx)
+                _persistent_tile(x_src, w_src, b_ptr, res_ptr, out_ptr, rows, n_out, dim, w_rows, group_rows,
+                                 group_stride, tile, tile_out, BLOCK_M, BLOCK_N, BLOCK_K, W_BLOCK, GROUP_M, GEGLU,
+                                 USE_TMA, idx)
 
     @triton.jit(do_not_specialize=["rows", "group_rows"])
     def _linear_add_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, rows, n_out, dim, group_rows, group_stride,
@@ -475,6 +489,26 @@ LINEAR_ADD_CONFIG = (128, 256, 64, 8, 3)
 # matmul` on an H100 (262144 tokens, fp16), against cuBLAS + the gate kernel: 320-wide inputs
 # 1.50 vs 1.94 ms, 512-wide 2.47 vs 2.99, 640-wide 3.60 vs 4.20; 1280-wide only ties (H200).
 GEGLU_MATMUL_CONFIG = (128, 128, 64, 8, 3)
+# The persistent kernel for Linear + residual, on Hopper-class GPUs, for the shapes where it beat
+# both the kernel above and cuBLAS + an add (a sweep of 9 tile shapes over the 37 (rows, in, out)
+# shapes of the seed clip's forward, H100): at least PERSISTENT_LINEAR_ADD_MIN_ROWS rows (with
+# fewer, ~20K-80K, cuBLAS was up to 1.6x faster) and not the feed-forward's down-projection
+# (dim = 4 x out: cuBLAS 1-6% faster). E.g. 305040 x 640 -> 640: 0.69 ms vs 0.80 (cuBLAS + add);
+# 156736 x 320 -> 320 into a strided residual: 0.29 ms vs 0.73 (kernel above).
+PERSISTENT_LINEAR_ADD = True
+PERSISTENT_LINEAR_ADD_MIN_ROWS = 100_000
+
+
+def _persistent_linear_add_config(n_out: int) -> tuple[int, int, int, int, int]:
+    return (128, 256, 64, 8, 3) if n_out % 256 == 0 else (256, 128, 64, 8, 3)
+
+
+def persistent_linear_add_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    n_out, dim = weight.shape
+    return (PERSISTENT_LINEAR_ADD and _has_tma(x.device) and dim <= 2 * n_out
+            and (x.numel() // dim >= PERSISTENT_LINEAR_ADD_MIN_ROWS or x.device.type != "cuda"))
+
+
 # Widest inputs for which the fused kernels are used.
 LINEAR_ADD_MAX_DIM = 512
 GEGLU_MATMUL_MAX_DIM = 640
@@ -542,36 +576,49 @@ def _programs(device: torch.device, tiles: int) -> int:
     return max(1, min(tiles, _SM_COUNTS[index]))
 
 
+def _persistent_matmul(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, n_out: int,
+                       config: tuple[int, int, int, int, int], geglu: bool, residual: torch.Tensor | None = None,
+                       group_rows: int = 1, group_stride: int = 0) -> None:
+    """Launch `_persistent_matmul_kernel` over x2 (rows, dim) and weight rows w (2*n_out
+    interleaved for GEGLU, else n_out), one program per SM."""
+    block_m, block_n, block_k, warps, stages = config
+    rows, dim = x2.shape
+    w_block = 2 * block_n if geglu else block_n
+    while dim % block_k:  # dim is a multiple of 16 (matmul_supported)
+        block_k //= 2
+    # TMA needs 16-byte aligned bases (strides are: dim % 16 == 0); else plain loads
+    use_tma = TensorDescriptor is not None and x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    if use_tma:
+        x_src = TensorDescriptor.from_tensor(x2, [block_m, block_k])
+        w_src = TensorDescriptor.from_tensor(w, [w_block, block_k])
+    else:
+        x_src, w_src = x2, w
+    # largest element offset formed, rows past the end included
+    span = (rows + block_m) * max(dim, n_out) + w.numel() + w_block * dim
+    if residual is not None:
+        span = max(span, (rows // group_rows + 1) * group_stride + (group_rows + block_m) * n_out)
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n_out, block_n)
+    programs = _programs(x2.device, tiles)
+    _persistent_matmul_kernel[(programs,)](
+        x_src, w_src, bias, out if residual is None else residual, out, rows, n_out, dim, w.shape[0], group_rows,
+        group_stride, programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, W_BLOCK=w_block, GROUP_M=8,
+        GEGLU=geglu, USE_TMA=use_tma, FLATTEN=_HAS_FLATTEN, INT64=span >= 2**31, num_warps=warps,
+        num_stages=stages)
+
+
 def geglu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  interleaved: torch.Tensor | None = None) -> torch.Tensor:
     """GEGLU(x) = value * gelu(gate) with [value | gate] = x @ weight.T + bias, in one kernel
     (float32 accumulation and epilogue, one rounding to x's dtype); x (..., dim), weight
     (2*hidden, dim) -> (..., hidden). `interleaved`: `interleave_geglu_weight(weight)`, if the
     caller keeps it (else made here). See `geglu_matmul_supported`."""
-    block_m, block_n, block_k, warps, stages = GEGLU_MATMUL_CONFIG
     dim = x.shape[-1]
     hidden = weight.shape[0] // 2
     rows = x.numel() // dim
     out = torch.empty((*x.shape[:-1], hidden), device=x.device, dtype=x.dtype)
     if interleaved is None:
-        interleaved = interleave_geglu_weight(weight, block_n)
-    while dim % block_k:  # dim is a multiple of 16 (matmul_supported)
-        block_k //= 2
-    x2 = x.view(rows, dim)
-    # TMA needs 16-byte aligned bases (strides are: dim % 16 == 0); else plain loads
-    use_tma = TensorDescriptor is not None and x2.data_ptr() % 16 == 0 and interleaved.data_ptr() % 16 == 0
-    if use_tma:
-        x_src = TensorDescriptor.from_tensor(x2, [block_m, block_k])
-        w_src = TensorDescriptor.from_tensor(interleaved, [2 * block_n, block_k])
-    else:
-        x_src, w_src = x2, interleaved
-    int64 = max(rows * max(dim, hidden), interleaved.numel()) + 2 * block_m * max(dim, hidden) >= 2**31
-    tiles = triton.cdiv(rows, block_m) * triton.cdiv(hidden, block_n)
-    programs = _programs(x.device, tiles)
-    _geglu_matmul_kernel[(programs,)](x_src, w_src, bias, out, rows, hidden, dim, programs,
-                                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                                      USE_TMA=use_tma, FLATTEN=_HAS_FLATTEN, INT64=int64, num_warps=warps,
-                                      num_stages=stages)
+        interleaved = interleave_geglu_weight(weight, GEGLU_MATMUL_CONFIG[1])
+    _persistent_matmul(x.view(rows, dim), interleaved, bias, out, hidden, GEGLU_MATMUL_CONFIG, geglu=True)
     return out
 
 
@@ -606,6 +653,11 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residu
         if not residual.is_contiguous():
             raise ValueError("linear_add needs `out` for a strided residual")
         out = torch.empty_like(residual)
+    if persistent_linear_add_wins(x, weight):
+        config = _persistent_linear_add_config(n_out)
+        _persistent_matmul(x.view(rows, dim), weight, bias, out, n_out, config, geglu=False, residual=residual,
+                           group_rows=group_rows, group_stride=group_stride)
+        return out
     config = LINEAR_ADD_CONFIG_UP_TO_320 if dim <= 320 else LINEAR_ADD_CONFIG
     _launch_matmul(_linear_add_kernel, config, rows, n_out, dim, x, weight, bias, residual, out, rows, n_out, dim,
                    group_rows, group_stride)

@@ -44,9 +44,11 @@ class InferenceOptions:
     # Tokens per feed-forward chunk; at level 0 of a 31-frame 162x240 window one chunk of
     # 2**18 tokens has a 2.7 GB GEGLU intermediate in fp16 instead of 12 GB unchunked.
     ff_chunk_tokens: int | None = 2**18
-    # Frames per spatial-transformer pass: bounds its q/k/v and MLP transients (~1 GB per
-    # 320-channel tensor at 31 frames of 162x240) at no measurable cost.
-    spatial_frame_chunk: int | None = 8
+    # Tokens per spatial-transformer pass, in whole frames (at least one): bounds its q/k/v and
+    # MLP transients (~1 GB per 320-channel tensor at 31 frames of 162x240). At the seed clip's
+    # size: 8 frames per pass at level 0, all 31 frames at once at the deeper levels (there, 8
+    # frames per pass ran the 40-frame window 1% slower, at the same peak memory; H100).
+    spatial_chunk_tokens: int | None = 320_000
     # Tokens (frames x pixels) per temporal-transformer pass in the channels-last layout: at
     # level 0 of a 40-frame window (1.6M tokens) its ~7 full-size transients held ~7 GB at once.
     temporal_chunk_tokens: int | None = 2**19
@@ -62,10 +64,10 @@ class InferenceOptions:
     def low_vram(cls) -> "InferenceOptions":
         """Smaller passes everywhere, for cards of ~16 GB: same result, lower peak memory, a
         little slower (see the README's measurements)."""
-        return cls(ff_chunk_tokens=2**16, spatial_frame_chunk=2, temporal_chunk_tokens=2**17, conv_frame_chunk=4)
+        return cls(ff_chunk_tokens=2**16, spatial_chunk_tokens=80_000, temporal_chunk_tokens=2**17, conv_frame_chunk=4)
 
     def __post_init__(self):
-        for name in ("ff_chunk_tokens", "spatial_frame_chunk", "temporal_chunk_tokens", "conv_frame_chunk"):
+        for name in ("ff_chunk_tokens", "spatial_chunk_tokens", "temporal_chunk_tokens", "conv_frame_chunk"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -100,7 +102,7 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
         if isinstance(module, TransformerBlock):
             module.ff_chunk_tokens = options.ff_chunk_tokens
         if isinstance(module, SpatialTransformer):
-            module.frame_chunk = options.spatial_frame_chunk
+            module.chunk_tokens = options.spatial_chunk_tokens
     set_conv_weight_layout(model, options.channels_last)
     set_tuned_sdpa(options.tuned_attention)
     return model
