@@ -180,6 +180,30 @@ def test_persistent_linear_add_walks_several_tiles_per_program(tma, flatten, mon
     assert (video[:, cols].double() - want).abs().max() < 1e-5
 
 
+def test_linear_plus_takes_the_persistent_kernel_for_wide_inputs(monkeypatch):
+    """Inputs wider than LINEAR_ADD_MAX_DIM go to the fused kernel where the persistent one
+    wins (here: the interpreter, which stands for a Hopper-class GPU), else to cuBLAS + add; the
+    feed-forward's 4x-wide down-projection stays on cuBLAS."""
+    from venhancer.models.attention import linear_plus
+
+    calls = []
+    original = kernels.linear_add
+    monkeypatch.setattr(kernels, "linear_add", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    gen = torch.Generator().manual_seed(8)
+    dim = kernels.LINEAR_ADD_MAX_DIM + 128
+    x, residual = torch.randn(40, dim, generator=gen), torch.randn(40, dim, generator=gen)
+    weight, bias = torch.randn(dim, dim, generator=gen) / 30, torch.randn(dim, generator=gen)
+    want = residual.double() + F.linear(x.double(), weight.double(), bias.double())
+    assert (linear_plus(x, weight, bias, residual, fused=True).double() - want).abs().max() < 1e-4
+    assert calls == [x.shape]
+    down = torch.randn(dim // 4, dim, generator=gen) / 30
+    linear_plus(x, down, bias[: dim // 4], residual[:, : dim // 4].contiguous(), fused=True)
+    assert len(calls) == 1
+    monkeypatch.setattr(kernels, "PERSISTENT_LINEAR_ADD", False)
+    linear_plus(x, weight, bias, residual, fused=True)
+    assert len(calls) == 1
+
+
 def _frame_attention_eager(q, k, v, heads, frames):
     """SDPA on the (b P, frames, heads, d) transposes of frame-major tokens, in float64."""
     b, tokens, inner = q.shape

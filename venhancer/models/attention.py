@@ -176,9 +176,11 @@ def linear_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resid
     """residual + x @ weight.T + bias, x's rows matching residual's in order; written into `out`
     (residual's shape and strides) when given, instead of a temporary and a copy.
 
-    `fused`: one Triton pass (the sum in the matmul's epilogue) for inputs up to
-    `kernels.LINEAR_ADD_MAX_DIM` wide, where that beat cuBLAS and a separate add."""
-    if (fused and kernels.runs_on(x) and x.shape[-1] <= kernels.LINEAR_ADD_MAX_DIM
+    `fused`: one Triton pass (the sum in the matmul's epilogue) where that beat cuBLAS and a
+    separate add: inputs up to `kernels.LINEAR_ADD_MAX_DIM` wide, and on Hopper-class GPUs the
+    shapes of `kernels.persistent_linear_add_wins`."""
+    if (fused and kernels.runs_on(x)
+            and (x.shape[-1] <= kernels.LINEAR_ADD_MAX_DIM or kernels.persistent_linear_add_wins(x, weight))
             and kernels.linear_add_supported(x, weight, residual, out)):
         return kernels.linear_add(x, weight, bias, residual, out=out)
     y = F.linear(x, weight, bias).view(residual.shape)
