@@ -71,18 +71,20 @@ def test_geglu_matches_eager():
     assert (kernels.geglu(proj) - value * F.gelu(gate)).abs().max() < 1e-6
 
 
-def test_layer_norm_matches_float64():
-    x = torch.randn(2, 37, 80) * 3 + 5
-    w, b = torch.randn(80), torch.randn(80)
-    want = F.layer_norm(x.double(), (80,), w.double(), b.double(), 1e-5)
+@pytest.mark.parametrize("dim", [80, 320, 128])
+def test_layer_norm_matches_float64(dim):
+    x = torch.randn(2, 37, dim) * 3 + 5
+    w, b = torch.randn(dim), torch.randn(dim)
+    want = F.layer_norm(x.double(), (dim,), w.double(), b.double(), 1e-5)
     assert kernels.layer_norm_supported(x) and not kernels.layer_norm_supported(x.transpose(0, 1))
     assert (kernels.layer_norm(x, w, b, 1e-5).double() - want).abs().max() < 1e-5
 
 
-def test_add_with_bias_keeps_layout():
-    a = torch.randn(2, 64, 3, 5, 4).contiguous(memory_format=torch.channels_last_3d)
-    b = torch.randn(2, 64, 3, 5, 4).contiguous(memory_format=torch.channels_last_3d)
-    bias = torch.randn(64)
+@pytest.mark.parametrize("channels", [64, 96])
+def test_add_with_bias_keeps_layout(channels):
+    a = torch.randn(2, channels, 3, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    b = torch.randn(2, channels, 3, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    bias = torch.randn(channels)
     assert kernels.add_supported(a, b) and not kernels.add_supported(a, b.contiguous())
     got = kernels.add_with_bias(a, b, bias)
     assert got.stride() == a.stride()
