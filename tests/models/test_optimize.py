@@ -184,23 +184,3 @@ def test_optimize_sets_transposed_upsample(tiny_model):
     assert ups and all(m.transposed for m in ups)
     plain = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(transposed_upsample=False))
     assert not any(m.transposed for m in plain.modules() if isinstance(m, Upsample))
-
-
-def test_pointwise_conv_is_the_convolution_as_a_matmul(tiny_model):
-    """The ControlNet's 1x1 output convolutions run as matmuls on channels-last frames (bias in
-    the epilogue): the convolution's result and layout; other inputs take the convolution."""
-    from venhancer.models.controlnet import VideoControlNet
-    from venhancer.models.layers import pointwise_conv
-
-    conv = nn.Conv2d(24, 16, 1).double()
-    x = torch.randn(3, 24, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    got = pointwise_conv(conv, x)
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(got, conv(x), rtol=0, atol=1e-12)
-    assert torch.equal(pointwise_conv(conv, x.contiguous()), conv(x.contiguous()))  # channels-first: the conv
-    wide = nn.Conv2d(24, 16, 3, padding=1).double()
-    assert torch.equal(pointwise_conv(wide, x), wide(x))
-    model = optimize_for_inference(copy.deepcopy(tiny_model))
-    assert all(m.pointwise_matmul for m in model.modules() if isinstance(m, VideoControlNet))
-    plain = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(channels_last=False))
-    assert not any(m.pointwise_matmul for m in plain.modules() if isinstance(m, VideoControlNet))

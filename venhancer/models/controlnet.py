@@ -9,7 +9,7 @@ from torch import nn
 from .blocks import EncoderState, build_encoder, build_middle, encode_rest, encode_text_free
 from .config import UNetConfig
 from .inputs import NetworkInputs, prepare_inputs
-from .layers import EmbeddingMLP, pointwise_conv, timestep_sinusoid
+from .layers import EmbeddingMLP, timestep_sinusoid
 
 
 def model_input_dtype(module: nn.Module, device: torch.device) -> torch.dtype | None:
@@ -46,11 +46,6 @@ class VideoControlNet(nn.Module):
         width = config.widths[-1]
         self.middle_block_out = nn.Sequential(nn.Conv2d(width, width, 1))
         self.input_hint_block = nn.Conv2d(config.in_dim, config.hint_dim, 3, padding=1)
-        # Set by optimize: the 1x1 output convolutions as matmuls with the bias in the epilogue.
-        self.pointwise_matmul = False
-
-    def _output_conv(self, conv: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        return pointwise_conv(conv[0], x) if self.pointwise_matmul else conv(x)
 
     def forward(self, x, t, y, hint, t_hint, s_cond, mask_cond) -> list[torch.Tensor]:
         """Arguments as `VEnhancerUNet.forward`. Returns 13 tensors (for the default 4 levels x
@@ -74,17 +69,17 @@ class VideoControlNet(nn.Module):
         # The hint enters once, between block 0's conv and its temporal transformer.
         x = x + hint_add
         x = first_temporal(x, f)
-        return encode_text_free(self.input_blocks, x, emb, f, first=1, outputs=[self._output_conv(self.zero_convs[0], x)],
-                                keep=lambda index, out: self._output_conv(self.zero_convs[index], out))
+        return encode_text_free(self.input_blocks, x, emb, f, first=1, outputs=[self.zero_convs[0](x)],
+                                keep=lambda index, out: self.zero_convs[index](out))
 
     def finish(self, state: EncoderState, context: torch.Tensor, consume: bool = False) -> list[torch.Tensor]:
         """The residuals after `state.outputs`, for text context (b, M, context_dim). `consume`:
         the state's last use (its activation is released as the blocks go)."""
         outputs = []
         x = encode_rest(self.input_blocks, state, context, consume=consume,
-                        keep=lambda index, out: outputs.append(self._output_conv(self.zero_convs[index], out)))
+                        keep=lambda index, out: outputs.append(self.zero_convs[index](out)))
         x = self.middle_block(x, state.emb, context, state.num_frames)
-        outputs.append(self._output_conv(self.middle_block_out, x))
+        outputs.append(self.middle_block_out(x))
         return outputs
 
     def frame_embedding(self, t: torch.Tensor, t_hint: torch.Tensor, s_cond: torch.Tensor, mask_cond: torch.Tensor) -> torch.Tensor:

@@ -59,20 +59,6 @@ def conv_without_bias(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Ten
     return conv._conv_forward(x, conv.weight, None)
 
 
-def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 Conv2d (stride 1, no padding or groups) of channels-last x as one matmul over its
-    pixels, the bias added in the matmul's epilogue (cuDNN's convolution adds it in a pass of its
-    own over the output); other inputs go through the convolution."""
-    plain = (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
-             and conv.dilation == (1, 1) and conv.groups == 1)
-    if not plain or x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last):
-        return conv(x)
-    n, c, h, w = x.shape
-    tokens = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels-last memory is pixel-major
-    out = F.linear(tokens, conv.weight.reshape(conv.out_channels, c), conv.bias)
-    return out.view(n, h, w, conv.out_channels).permute(0, 3, 1, 2)  # channels-last again
-
-
 def shortcut_without_bias(shortcut: nn.Module | None, x: torch.Tensor,
                           bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A residual block's shortcut (None or Identity: x itself; else a convolution) without its

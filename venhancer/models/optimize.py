@@ -28,7 +28,6 @@ from torch import nn
 
 from .attention import (GEGLU, Attention, FeedForward, LayerNorm, SpatialTransformer, TemporalTransformer, TransformerBlock,
                         set_tuned_sdpa)
-from .controlnet import VideoControlNet
 from .layers import GroupNorm32, ResBlock, TemporalConvBlock, Upsample
 
 
@@ -104,8 +103,6 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
             module.ff_chunk_tokens = options.ff_chunk_tokens
         if isinstance(module, SpatialTransformer):
             module.chunk_tokens = options.spatial_chunk_tokens
-        if isinstance(module, VideoControlNet):
-            module.pointwise_matmul = options.channels_last
     set_conv_weight_layout(model, options.channels_last)
     set_tuned_sdpa(options.tuned_attention)
     return model
