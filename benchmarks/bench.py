@@ -351,7 +351,8 @@ RESIDUAL_SHAPES = [(8 * 38880, 320, 320), (2**18, 512, 512), (8 * 9720, 640, 640
 @torch.no_grad()
 def run_matmul(args) -> dict:
     """The fused Triton matmuls against cuBLAS + a separate pass, per shape (the network uses the
-    fused ones only up to kernels.GEGLU_MATMUL_MAX_DIM / LINEAR_ADD_MAX_DIM wide inputs)."""
+    fused ones where they won: kernels.geglu_matmul_supported, and for Linear + residual up to
+    kernels.LINEAR_ADD_MAX_DIM wide inputs or kernels.persistent_linear_add_wins)."""
     import torch.nn.functional as F
 
     from venhancer.models import kernels
@@ -374,7 +375,8 @@ def run_matmul(args) -> dict:
             ref = base().float()
             err = float((fused().float() - ref).norm() / ref.norm())
             t_base, t_fused = (statistics.median(cuda_time(fn, 5)) for fn in (base, fused))
-            used = kernels.geglu_matmul_supported(x, w) if kind == "geglu" else dim <= kernels.LINEAR_ADD_MAX_DIM
+            used = (kernels.geglu_matmul_supported(x, w) if kind == "geglu"
+                    else dim <= kernels.LINEAR_ADD_MAX_DIM or kernels.persistent_linear_add_wins(x, w))
             res["rows"].append({"kind": kind, "tokens": rows, "in": dim, "out": width, "cublas_s": t_base,
                                 "fused_s": t_fused, "rel_err": err, "used_by_network": used})
     return res
