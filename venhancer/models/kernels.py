@@ -38,7 +38,7 @@ except ImportError:
 _HAS_FLATTEN = triton is not None and "flatten" in inspect.signature(tl.range).parameters
 
 GROUPS = GROUP_NORM_GROUPS
-_MAX_PARTIALS = 1024  # statistics programs per item
+_MAX_PARTIALS = 1024  # GroupNorm statistics programs per item and column block
 
 
 # Triton's interpreter runs the kernels on CPU tensors (slowly): the tests use it.
@@ -516,10 +516,13 @@ PERSISTENT_LINEAR_ADD_MIN_ROWS = 100_000
 
 
 def _persistent_linear_add_config(n_out: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the sweep's winners."""
     return (128, 256, 64, 8, 3) if n_out % 256 == 0 else (256, 128, 64, 8, 3)
 
 
 def persistent_linear_add_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear_add` runs x @ weight.T on the persistent kernel, which then beats cuBLAS +
+    an add (see above); the interpreter stands for a Hopper-class GPU."""
     n_out, dim = weight.shape
     return (PERSISTENT_LINEAR_ADD and _has_tma(x.device) and dim <= 2 * n_out
             and (x.numel() // dim >= PERSISTENT_LINEAR_ADD_MIN_ROWS or x.device.type != "cuda"))
