@@ -11,7 +11,7 @@ autocast, PyTorch's default SDPA kernel, branches one after the other) and for o
 path, in the same process on the same weights; plus ablations of each optimization, FLOPs
 (torch.utils.flop_counter), the achieved rate, peak memory, and the optimized output's error
 against the plain one. `optimized_shared_prefix` is the pipeline's way (both branches through
-`forward_branches`: the layers before the first text-reading one computed once; its TFLOP/s use
+`forward_branches`: the layers before the first cross-attention computed once; its TFLOP/s use
 the FLOPs it performs), `optimized_low_vram` the `--low_vram` preset.
 
 `vae`: the temporal VAE (Stable Video Diffusion's config) as diffusers runs it (fp16) and as
@@ -164,7 +164,7 @@ def run_forward(args) -> dict:
             out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y_c, y_u]), **batched_common)
             return list(out.split(1))
 
-        def shared():  # the pipeline's way: the text-free first layers once for both branches
+        def shared():  # the pipeline's way: the layers before the first cross-attention once for both
             return model.forward_branches(x, t, [y_c, y_u], **common)
 
         return plain, sequential, batched, shared
@@ -207,6 +207,8 @@ def run_forward(args) -> dict:
                 ("no_tuned_sdpa", replace(full, tuned_attention=False), sequential),
                 ("no_frame_attention_kernel", replace(full, frame_attention_kernel=False), shared),
                 ("no_fused_projections", replace(full, fused_projections=False), shared),
+                ("no_shared_self_attention", replace(full, share_self_attention=False), shared),
+                ("no_concat_frame_chunks", replace(full, concat_frame_chunk=None), shared),
                 ("neither_of_these_two", replace(full, frame_attention_kernel=False, fused_projections=False), shared),
                 ("no_ff_chunks", replace(full, ff_chunk_tokens=None), sequential),
                 ("conv_frame_chunks_8", replace(full, conv_frame_chunk=8), sequential),

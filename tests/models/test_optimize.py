@@ -20,10 +20,11 @@ HERE = Path(__file__).resolve().parent
 
 
 # spatial 320: 2 of the 5 frames per pass at level 0 (10x16 tokens), all 5 at the deeper levels
-@pytest.mark.parametrize("chunk, spatial, temporal, resblock", [(None, None, None, None), (37, 320, 13, 2), (None, 1, 2**19, 3)])
-def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, spatial, temporal, resblock):
+@pytest.mark.parametrize("chunk, spatial, temporal, resblock, concat",
+                         [(None, None, None, None, None), (37, 320, 13, 2, 8), (None, 1, 2**19, 3, 2)])
+def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, spatial, temporal, resblock, concat):
     options = InferenceOptions(ff_chunk_tokens=chunk, spatial_chunk_tokens=spatial, temporal_chunk_tokens=temporal,
-                               conv_frame_chunk=resblock)
+                               conv_frame_chunk=resblock, concat_frame_chunk=concat)
     model = optimize_for_inference(copy.deepcopy(tiny_model), options)
     with torch.no_grad():
         out = model(*call_args(tiny_case))
@@ -83,6 +84,38 @@ def test_invalid_chunk_rejected():
         InferenceOptions(temporal_chunk_tokens=0)
     with pytest.raises(ValueError, match="conv_frame_chunk .*True"):
         InferenceOptions(conv_frame_chunk=True)
+    with pytest.raises(ValueError, match="concat_frame_chunk .*0"):
+        InferenceOptions(concat_frame_chunk=0)
+
+
+def test_concat_frame_chunk_applies_to_the_skip_concatenations_only(tiny_model, tiny_case, monkeypatch):
+    """`concat_frame_chunk` runs the decoder ResBlocks (input: x and a skip) over that many frames
+    at a time and leaves the other ResBlocks whole; the smaller of it and `conv_frame_chunk`
+    wins. The result stays the reference's."""
+    frames = tiny_case["x"].shape[2]  # 5
+    original = ResBlock._per_frame
+    for conv, concat, plain_passes, concat_passes in [(None, 2, 1, 3), (4, 2, 2, 3), (2, 4, 3, 3), (None, None, 1, 1)]:
+        model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(conv_frame_chunk=conv, concat_frame_chunk=concat))
+        concatenating = {}  # ResBlock -> whether its input is (x, skip)
+        for block in model.modules():
+            if isinstance(block, ResBlock):
+                block.register_forward_pre_hook(lambda m, args: concatenating.__setitem__(m, isinstance(args[0], tuple)))
+        passes = {False: [], True: []}  # frames per pass, by input kind
+
+        def per_frame(self, x, emb_out):
+            passes[concatenating[self]].append(x.shape[0])
+            return original(self, x, emb_out)
+
+        monkeypatch.setattr(ResBlock, "_per_frame", per_frame)
+        with torch.no_grad():
+            out = model(*call_args(tiny_case))
+        assert rel_l2(out, tiny_case["out"]) <= REL_L2
+        for concat_input, expected in ((False, plain_passes), (True, concat_passes)):
+            blocks = sum(1 for v in concatenating.values() if v == concat_input)
+            assert blocks and len(passes[concat_input]) == blocks * expected
+            assert sum(passes[concat_input]) == blocks * frames
+    assert model.share_self_attention
+    assert not optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(share_self_attention=False)).share_self_attention
 
 
 def test_low_vram_preset_matches_reference(tiny_model, tiny_case):

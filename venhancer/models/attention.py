@@ -331,6 +331,12 @@ class TransformerBlock(nn.Module):
                 frames: int | None = None) -> torch.Tensor:
         """`frames`: x is frame-major and both attentions run along the frames (temporal)."""
         x = self.attn1(self.norm1(x), frames=frames, residual=x)
+        return self.after_self_attention(x, context, context_repeats, frames)
+
+    def after_self_attention(self, x: torch.Tensor, context: torch.Tensor | None = None, context_repeats: int = 1,
+                             frames: int | None = None) -> torch.Tensor:
+        """The block from its second attention on, x being `x + attn1(norm1(x))`: a spatial
+        block's text-free start can then serve several text contexts."""
         x = self.attn2(self.norm2(x), context, context_repeats, frames=frames, residual=x)
         return self._feed_forward(x)
 
@@ -383,26 +389,66 @@ class SpatialTransformer(nn.Module):
         tokens (at least one frame): every step here is per frame, so the result is the same with
         a fraction of the transient memory.
         """
+        passes = self._frame_passes(x, num_frames)
+        if len(passes) == 1:
+            return self._finish_frames(x, self._start_frames(x), context, num_frames)
+        out = torch.empty_like(x)
+        for item, first, count in passes:
+            frames = slice(first, first + count)
+            self._finish_frames(x[frames], self._start_frames(x[frames]), context[item : item + 1], count, out=out[frames])
+        return out
+
+    def text_free_start(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """The layers before the cross-attention (norm, proj_in, self-attention), which every
+        text context shares: their tokens ((b f), h*w, inner) for `finish`."""
+        passes = self._frame_passes(x, num_frames)
+        if len(passes) == 1:
+            return self._start_frames(x)
+        tokens = None
+        for _, first, count in passes:
+            part = self._start_frames(x[first : first + count])
+            if tokens is None:
+                tokens = part.new_empty((x.shape[0], *part.shape[1:]))
+            tokens[first : first + count] = part
+        return tokens
+
+    def finish(self, x: torch.Tensor, tokens: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """`forward(x, context, num_frames)` from the tokens of `text_free_start(x, num_frames)`
+        (left unchanged, for the next context)."""
+        passes = self._frame_passes(x, num_frames)
+        if len(passes) == 1:
+            return self._finish_frames(x, tokens, context, num_frames)
+        out = torch.empty_like(x)
+        for item, first, count in passes:
+            frames = slice(first, first + count)
+            self._finish_frames(x[frames], tokens[frames], context[item : item + 1], count, out=out[frames])
+        return out
+
+    def _frame_passes(self, x: torch.Tensor, num_frames: int) -> list[tuple[int, int, int]]:
+        """(video, first frame, frame count) of each pass: whole frames of one video, at most
+        `chunk_tokens` tokens (at least one frame); one pass over everything when unchunked."""
         pixels = x.shape[2] * x.shape[3]
         step = num_frames if self.chunk_tokens is None else max(1, self.chunk_tokens // pixels)
         if step >= num_frames:
-            return self._run_frames(x, context, num_frames)
-        out = torch.empty_like(x)
-        for item in range(x.shape[0] // num_frames):
-            for start in range(0, num_frames, step):
-                first = item * num_frames + start
-                count = min(step, num_frames - start)
-                self._run_frames(x[first : first + count], context[item : item + 1], count, out=out[first : first + count])
-        return out
+            return [(0, 0, x.shape[0])]
+        return [(item, item * num_frames + start, min(step, num_frames - start))
+                for item in range(x.shape[0] // num_frames) for start in range(0, num_frames, step)]
 
-    def _run_frames(self, x: torch.Tensor, context: torch.Tensor, num_frames: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """The block on frames x; the result is written into `out` (x's shape and layout) if given."""
+    def _start_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Norm, proj_in and the self-attention on frames x ((b f), c, h, w) -> ((b f), h*w, inner)."""
         bf, c, h, w = x.shape
         tokens = self.norm(x)
         tokens = tokens.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # ((b f), h*w, c)
         tokens = self.proj_in(tokens)
-        tokens = self.transformer_blocks[0](tokens, context, context_repeats=num_frames)
+        block = self.transformer_blocks[0]
+        return block.attn1(block.norm1(tokens), residual=tokens)
+
+    def _finish_frames(self, x: torch.Tensor, tokens: torch.Tensor, context: torch.Tensor, num_frames: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rest of the block on frames x with their `_start_frames` tokens; the result is
+        written into `out` (x's shape and layout) if given."""
+        bf, c, h, w = x.shape
+        tokens = self.transformer_blocks[0].after_self_attention(tokens, context, context_repeats=num_frames)
         if x.is_contiguous(memory_format=torch.channels_last):
             # Channels-last frames are token-major in memory: ((b f), c, h, w) -> ((b f), h*w, c) views
             residual = x.permute(0, 2, 3, 1).view(bf, h * w, c)

@@ -51,9 +51,11 @@ class DownsampleBlock(Downsample):
 
 @dataclass
 class EncoderState:
-    """An encoder run up to its first text-reading layer: layer `layer` of block `block` comes
-    next, on per-frame activations x `((b f), c, h, w)` with embedding emb `((b f), E)`.
-    `outputs`: what was kept of each completed block (ControlNet residuals, or UNet skips)."""
+    """An encoder run up to its first text-reading layer: layer `layer` of block `block` (a
+    SpatialTransformer) comes next, on per-frame activations x `((b f), c, h, w)` with embedding
+    emb `((b f), E)`. `tokens`: that transformer's text-free start on x (its `text_free_start`),
+    or None to run it whole. `outputs`: what was kept of each completed block (ControlNet
+    residuals, or UNet skips)."""
 
     x: torch.Tensor
     emb: torch.Tensor
@@ -61,18 +63,24 @@ class EncoderState:
     outputs: list[torch.Tensor]
     block: int
     layer: int
+    tokens: torch.Tensor | None = None
 
 
 def encode_text_free(blocks: nn.ModuleList, x: torch.Tensor, emb: torch.Tensor, num_frames: int, first: int,
-                     keep: Callable[[int, torch.Tensor], torch.Tensor], outputs: list[torch.Tensor]) -> EncoderState:
+                     keep: Callable[[int, torch.Tensor], torch.Tensor], outputs: list[torch.Tensor],
+                     self_attention: bool = False) -> EncoderState:
     """Run encoder blocks[first:] up to the first layer that reads the text context. Everything
     before it is the same for every guidance branch, so it can be computed once for all of them.
-    keep(index, x) gives what to append to `outputs` for each completed block."""
+    keep(index, x) gives what to append to `outputs` for each completed block. `self_attention`:
+    also run the text-free start of that layer (a SpatialTransformer's self-attention), at the
+    cost of holding its tokens too."""
     for index in range(first, len(blocks)):
         block = blocks[index]
         layers = block.text_free_layers() if isinstance(block, UNetBlock) else None
         if layers is not None and layers < len(block):
-            return EncoderState(block(x, emb, None, num_frames, stop=layers), emb, num_frames, outputs, index, layers)
+            x = block(x, emb, None, num_frames, stop=layers)
+            tokens = block[layers].text_free_start(x, num_frames) if self_attention else None
+            return EncoderState(x, emb, num_frames, outputs, index, layers, tokens)
         x = block(x, emb, None, num_frames)
         outputs.append(keep(index, x))
     raise ValueError("the encoder has no layer that reads the text context")
@@ -83,10 +91,15 @@ def encode_rest(blocks: nn.ModuleList, state: EncoderState, context: torch.Tenso
     """The encoder blocks from `state` on, with one text context; keep(index, x) is called after
     each block. Returns the last block's output. `consume`: the state's last use; its activation
     is dropped from it, to be freed once the next layer has used it."""
-    x = state.x
+    x, tokens = state.x, state.tokens
     if consume:
-        state.x = None
-    x = blocks[state.block](x, state.emb, context, state.num_frames, start=state.layer)
+        state.x = state.tokens = None
+    block, start = blocks[state.block], state.layer
+    if tokens is not None:
+        x = block[start].finish(x, tokens, context, state.num_frames)
+        del tokens
+        start += 1
+    x = block(x, state.emb, context, state.num_frames, start=start)
     keep(state.block, x)
     for index in range(state.block + 1, len(blocks)):
         x = blocks[index](x, state.emb, context, state.num_frames)

@@ -55,10 +55,10 @@ class VideoControlNet(nn.Module):
         state = self.start(inp)
         return state.outputs + self.finish(state, inp.y, consume=True)
 
-    def start(self, inp: NetworkInputs) -> EncoderState:
+    def start(self, inp: NetworkInputs, self_attention: bool = False) -> EncoderState:
         """Every layer before the first one that reads the text: its results serve all guidance
         branches (`finish` takes one text context each). `state.outputs` holds the residuals of
-        the encoder blocks completed so far."""
+        the encoder blocks completed so far. `self_attention`: see `encode_text_free`."""
         b, c, f, h, w = inp.x.shape
         emb = self.frame_embedding(inp.t, inp.t_hint, inp.s_cond, inp.mask_cond)  # ((b f), embed_dim)
         hint_add = self.hint_features(inp.hint, inp.mask_cond)  # ((b f), hint_dim, h, w)
@@ -70,7 +70,7 @@ class VideoControlNet(nn.Module):
         x = x + hint_add
         x = first_temporal(x, f)
         return encode_text_free(self.input_blocks, x, emb, f, first=1, outputs=[self.zero_convs[0](x)],
-                                keep=lambda index, out: self.zero_convs[index](out))
+                                keep=lambda index, out: self.zero_convs[index](out), self_attention=self_attention)
 
     def finish(self, state: EncoderState, context: torch.Tensor, consume: bool = False) -> list[torch.Tensor]:
         """The residuals after `state.outputs`, for text context (b, M, context_dim). `consume`:

@@ -196,15 +196,19 @@ class ResBlock(nn.Module):
         self.fold_conv_bias = False  # set by optimize, see `_per_frame`
         # Frames per pass of the per-frame part (set by optimize): bounds its transients, which
         # at a decoder block's concatenated input are several times the output's size.
+        # `concat_frame_chunk` applies (too) when the input is a concatenation (x, skip).
         self.frame_chunk: int | None = None
+        self.concat_frame_chunk: int | None = None
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], emb: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: ((b f), c_in, h, w), or a tuple of such tensors whose channel concatenation is the
         input (the decoder's x and skip: concatenated per frame chunk, never all at once).
         emb: ((b f), embed_dim)."""
         parts = x if isinstance(x, tuple) else (x,)
+        chunks = [self.frame_chunk] + ([self.concat_frame_chunk] if len(parts) > 1 else [])
+        chunk = min((c for c in chunks if c is not None), default=None)
         emb_out = self.emb_layers(emb)  # ((b f), c_out)
-        h = in_frame_chunks(lambda p, e: self._per_frame(_concat_channels(p), e), self.frame_chunk, parts, emb_out)
+        h = in_frame_chunks(lambda p, e: self._per_frame(_concat_channels(p), e), chunk, parts, emb_out)
         return self.temopral_conv(h, num_frames)
 
     def _per_frame(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,9 @@ class VEnhancerUNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(config.dim), nn.SiLU(), nn.Conv2d(config.dim, config.out_dim, 3, padding=1))
         # The checkpoint stores the ControlNet under this attribute name.
         self.VideoControlNet = VideoControlNet(config)
+        # forward_branches also shares the first spatial transformer's self-attention (set by
+        # optimize; costs two more level-0 activations while the branches run).
+        self.share_self_attention = True
 
     def forward(
         self,
@@ -69,16 +72,17 @@ class VEnhancerUNet(nn.Module):
     def forward_branches(self, x: torch.Tensor, t, contexts: Sequence[torch.Tensor], hint: torch.Tensor, t_hint, s_cond,
                          mask_cond) -> list[torch.Tensor]:
         """`[forward(x, t, y, ...) for y in contexts]` (the guidance branches), with everything
-        before the first text-reading layer (block 0 and the next ResBlock, of the UNet and of the
-        ControlNet) computed once for all. Costs two level-0 activations of memory while all
-        but the last branch run."""
+        before the first text-reading layer (block 0, the next ResBlock and, with
+        `share_self_attention`, the first spatial transformer up to its cross-attention; of the
+        UNet and of the ControlNet) computed once for all. Costs two level-0 activations of memory
+        (four when sharing the self-attention) while all but the last branch run."""
         inp = network_inputs(self, x, t, contexts[0], hint, t_hint, s_cond, mask_cond)
         for y in contexts[1:]:
             if y.shape != contexts[0].shape:
                 raise ValueError(f"all text contexts must have one shape, got {tuple(contexts[0].shape)} and {tuple(y.shape)}")
         ys = [inp.y] + [y.to(inp.y.dtype) for y in contexts[1:]]
-        control_state = self.VideoControlNet.start(inp)
-        state = self._start(inp, control_state.outputs)
+        control_state = self.VideoControlNet.start(inp, self.share_self_attention)
+        state = self._start(inp, control_state.outputs, self.share_self_attention)
         outputs = []
         for i, y in enumerate(ys):
             last = i == len(ys) - 1  # the shared activations are released as the last branch goes
@@ -86,10 +90,11 @@ class VEnhancerUNet(nn.Module):
             outputs.append(self._finish(state, y, control, x.dtype, consume=last))
         return outputs
 
-    def _start(self, inp: NetworkInputs, control: list[torch.Tensor | None]) -> EncoderState:
+    def _start(self, inp: NetworkInputs, control: list[torch.Tensor | None], self_attention: bool = False) -> EncoderState:
         """The UNet encoder up to its first text-reading layer. `control`: the ControlNet
         residuals, one per encoder block in order (at least of the blocks completed here): each
-        is folded into its skip as soon as the skip exists, and its entry released."""
+        is folded into its skip as soon as the skip exists, and its entry released.
+        `self_attention`: see `encode_text_free`."""
         b, c, f, h, w = inp.x.shape
         emb = self.time_embed(timestep_sinusoid(inp.t, self.config.dim))  # (b, E)
         emb = emb.repeat_interleave(f, dim=0)  # ((b f), E)
@@ -100,7 +105,7 @@ class VEnhancerUNet(nn.Module):
             control[index] = None
             return folded
 
-        return encode_text_free(self.input_blocks, x, emb, f, first=0, keep=skip, outputs=[])
+        return encode_text_free(self.input_blocks, x, emb, f, first=0, keep=skip, outputs=[], self_attention=self_attention)
 
     def _finish(self, state: EncoderState, context: torch.Tensor, control: list[torch.Tensor | None],
                 out_dtype: torch.dtype, consume: bool = False) -> torch.Tensor:
