@@ -62,8 +62,8 @@ LATENT_FACTOR = 8
 # Frames resized and padded at once before encoding: bounds the full-resolution float tensors.
 _FRAME_BATCH = 8
 # Automatic low-VRAM mode below this much free GPU memory at start: the default settings peak
-# at ~19 GB reserved on the seed clip with the guidance branches one after the other, ~23 GB when
-# they share their first layers (README, Performance), which needs this much free memory.
+# at ~19 GB reserved on the seed clip with the guidance branches one after the other, 22.7 GB
+# when they share their first layers (README, Performance), which needs this much free memory.
 LOW_VRAM_BELOW_GB = 21.0
 SHARED_BRANCH_PREFIX_FROM_GB = 26.0
 
@@ -380,8 +380,9 @@ class Enhancer:
     @property
     def local_evaluator(self):
         """How this process runs its network evaluations: the guidance branches of a window
-        together, sharing the text-free first layers, where memory allows (their activations
-        stay in memory meanwhile: ~1.7 GB more at the seed clip's size); else one by one."""
+        together, sharing the layers before the first cross-attention, where memory allows
+        (their activations stay in memory meanwhile: 2-3 GB more at the seed clip's size); else
+        one by one."""
         return evaluate_shared_prefix if self.share_branch_prefix else evaluate_sequential
 
     def _choose_branch_sharing(self, free_gb: float | None) -> bool:
@@ -390,7 +391,7 @@ class Enhancer:
             return False
         if free_gb is not None and free_gb < SHARED_BRANCH_PREFIX_FROM_GB:
             logger.info("%.1f GB GPU memory free: the guidance branches run one after the other (%.0f GB "
-                        "or more free lets them share their first layers, 3-4%% faster)", free_gb,
+                        "or more free lets them share their first layers, ~10%% faster)", free_gb,
                         SHARED_BRANCH_PREFIX_FROM_GB)
             return False
         return True

@@ -127,7 +127,7 @@ def evaluate_shared_prefix(model: ModelFn, jobs: Sequence[Job]) -> list[Tensor]:
     """:func:`evaluate_sequential`, except that consecutive jobs differing only in their text
     context ``y`` (the guidance branches of a window) go to ``model.forward_branches(x, t, [y, ...],
     **other kwargs)`` together when the model has that method, which computes the layers before
-    the first text-reading one once. Same outputs, fewer operations, a little more memory."""
+    the first cross-attention once. Same outputs, fewer operations, a little more memory."""
     forward_branches = getattr(model, "forward_branches", None)
     if forward_branches is None:
         return evaluate_sequential(model, jobs)

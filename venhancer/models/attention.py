@@ -389,14 +389,7 @@ class SpatialTransformer(nn.Module):
         tokens (at least one frame): every step here is per frame, so the result is the same with
         a fraction of the transient memory.
         """
-        passes = self._frame_passes(x, num_frames)
-        if len(passes) == 1:
-            return self._finish_frames(x, self._start_frames(x), context, num_frames)
-        out = torch.empty_like(x)
-        for item, first, count in passes:
-            frames = slice(first, first + count)
-            self._finish_frames(x[frames], self._start_frames(x[frames]), context[item : item + 1], count, out=out[frames])
-        return out
+        return self.finish(x, None, context, num_frames)
 
     def text_free_start(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """The layers before the cross-attention (norm, proj_in, self-attention), which every
@@ -412,16 +405,22 @@ class SpatialTransformer(nn.Module):
             tokens[first : first + count] = part
         return tokens
 
-    def finish(self, x: torch.Tensor, tokens: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, tokens: torch.Tensor | None, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """`forward(x, context, num_frames)` from the tokens of `text_free_start(x, num_frames)`
-        (left unchanged, for the next context)."""
+        (left unchanged, for the next context), or with tokens=None computing them pass by pass."""
+
+        def run(frames: slice, context: torch.Tensor, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+            # No local name for the start tokens: `_finish_frames` drops them once it has used them.
+            return self._finish_frames(x[frames], self._start_frames(x[frames]) if tokens is None else tokens[frames],
+                                       context, count, out=out)
+
         passes = self._frame_passes(x, num_frames)
         if len(passes) == 1:
-            return self._finish_frames(x, tokens, context, num_frames)
+            return run(slice(None), context, num_frames)
         out = torch.empty_like(x)
         for item, first, count in passes:
             frames = slice(first, first + count)
-            self._finish_frames(x[frames], tokens[frames], context[item : item + 1], count, out=out[frames])
+            run(frames, context[item : item + 1], count, out=out[frames])
         return out
 
     def _frame_passes(self, x: torch.Tensor, num_frames: int) -> list[tuple[int, int, int]]:
