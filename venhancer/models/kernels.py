@@ -400,11 +400,9 @@ GN_APPLY_WARPS = 8
 GN_MAX_GROUP_SIZE = 128  # channels per group (4096 channels)
 
 
-def _stats_block_c(channels: int) -> int:
-    """The widest power of two up to GN_STATS_MAX_BLOCK_C dividing `channels` (a multiple of the
-    32 groups, so at least 32)."""
-    block = GN_STATS_MAX_BLOCK_C
-    while channels % block:
+def _dividing_block(size: int, block: int) -> int:
+    """The widest power of two up to `block` (itself a power of two) that divides `size`."""
+    while size % block:
         block //= 2
     return block
 
@@ -418,7 +416,7 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     # Statistics: tiles of GN_STATS_TILE elements (two float32 accumulators of that size per
     # program, spread over 8 warps), ~2K programs in all to fill the GPU, each walking several
     # tiles of its column block.
-    stats_c = _stats_block_c(channels)
+    stats_c = _dividing_block(channels, GN_STATS_MAX_BLOCK_C)  # channels: a multiple of the 32 groups
     col_blocks = triton.cdiv(channels, stats_c)
     stat_rows = max(1, min(triton.next_power_of_2(rows), GN_STATS_TILE // stats_c))
     num_tiles = triton.cdiv(rows, stat_rows)
@@ -545,8 +543,7 @@ def matmul_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _launch_matmul(kernel, config, rows: int, n_out: int, dim: int, *args) -> None:
     block_m, block_n, block_k, warps, stages = config
-    while dim % block_k:  # dim is a multiple of 16 (matmul_supported)
-        block_k //= 2
+    block_k = _dividing_block(dim, block_k)  # dim is a multiple of 16 (matmul_supported)
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n_out, block_n),)
     kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
                  num_warps=warps, num_stages=stages)
@@ -603,8 +600,7 @@ def _persistent_matmul(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, ou
     block_m, block_n, block_k, warps, stages = config
     rows, dim = x2.shape
     w_block = 2 * block_n if geglu else block_n
-    while dim % block_k:  # dim is a multiple of 16 (matmul_supported)
-        block_k //= 2
+    block_k = _dividing_block(dim, block_k)  # dim is a multiple of 16 (matmul_supported)
     # TMA needs 16-byte aligned bases (strides are: dim % 16 == 0); else plain loads
     use_tma = TensorDescriptor is not None and x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     if use_tma:
