@@ -206,6 +206,7 @@ def run_forward(args) -> dict:
                 ("no_channels_last", replace(full, channels_last=False), sequential),
                 ("no_tuned_sdpa", replace(full, tuned_attention=False), sequential),
                 ("no_frame_attention_kernel", replace(full, frame_attention_kernel=False), shared),
+                ("no_flash_attention_kernel", replace(full, flash_attention_kernel=False), shared),
                 ("no_fused_projections", replace(full, fused_projections=False), shared),
                 ("no_shared_self_attention", replace(full, share_self_attention=False), shared),
                 ("no_concat_frame_chunks", replace(full, concat_frame_chunk=None), shared),

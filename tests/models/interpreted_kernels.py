@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from unet_helpers import call_args, max_abs, rel_l2
 from venhancer.models import kernels
-from venhancer.models.attention import GEGLU, Attention, TemporalTransformer, TransformerBlock
+from venhancer.models.attention import GEGLU, Attention, SpatialTransformer, TemporalTransformer, TransformerBlock
 from venhancer.models.layers import GroupNorm32, _group_norm_act
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 
@@ -252,6 +252,56 @@ def test_frame_attention_declines_what_it_cannot_take():
     assert not kernels.frame_attention_supported(q, q, q, 3, 10)  # 64 not divisible by 3 heads
 
 
+def _attention_eager(q, k, v, heads):
+    """SDPA in float64 on (b, n, heads*d) tokens."""
+    b, n, inner = q.shape
+    d = inner // heads
+
+    def split(t):  # (b, n, heads*d) -> (b, heads, n, d)
+        return t.double().reshape(b, t.shape[1], heads, d).transpose(1, 2)
+
+    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, inner)
+
+
+@pytest.mark.parametrize("seq_q,seq_k,heads,head_dim", [(300, 300, 2, 64), (70, 200, 1, 32), (128, 256, 3, 16), (1, 5, 2, 16)])
+def test_flash_attention_matches_sdpa(seq_q, seq_k, heads, head_dim):
+    # 300 keys: two full blocks of 128 and a masked tail; 70 queries: one half-filled program
+    gen = torch.Generator().manual_seed(seq_q + seq_k)
+    inner = heads * head_dim
+    if seq_q == seq_k:  # self-attention: the strided views of a fused q/k/v projection
+        q, k, v = (torch.randn(2, seq_q, 3 * inner, generator=gen) * 2).chunk(3, dim=-1)
+    else:  # q alone, k and v the views of a fused k/v projection
+        q = torch.randn(2, seq_q, inner, generator=gen) * 2
+        k, v = (torch.randn(2, seq_k, 2 * inner, generator=gen) * 2).chunk(2, dim=-1)
+    assert kernels.flash_attention_supported(q, k, v, heads)
+    got = kernels.flash_attention(q, k, v, heads)
+    assert got.shape == q.shape and got.is_contiguous()
+    assert (got.double() - _attention_eager(q, k, v, heads)).abs().max() < 5e-5  # float32 sums
+
+
+def test_flash_attention_half_precision():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 200, 3 * 128, generator=gen) * 2).half().chunk(3, dim=-1)
+    got = kernels.flash_attention(q, k, v, 2)
+    assert got.dtype == torch.float16
+    ref = _attention_eager(q, k, v, 2)
+    # fp16 probabilities and output: a few units in the last place of each value
+    assert ((got.double() - ref).abs() <= 2e-3 * ref.abs() + 1e-3).all()
+
+
+def test_flash_attention_declines_what_it_cannot_take():
+    q = torch.randn(2, 10, 64)
+    assert kernels.flash_attention_supported(q, q, q, 2)
+    assert not kernels.flash_attention_supported(q, q, q, 3)  # 64 not divisible by 3 heads
+    wide = torch.randn(2, 10, 96)
+    assert not kernels.flash_attention_supported(wide, wide, wide, 2)  # head width 48
+    assert not kernels.flash_attention_supported(q, q[:1], q[:1], 2)  # batch sizes differ
+    assert not kernels.flash_attention_supported(q, q[:, :, :32], q[:, :, :32], 2)  # widths differ
+    odd_rows = torch.randn(2, 10, 66)[:, :, :64]  # 264-byte rows: not 16-byte aligned for TMA
+    assert not kernels.flash_attention_supported(odd_rows, q, q, 2)
+    assert not kernels.flash_attention_supported(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), 2)
+
+
 def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
     """Wrap the named `kernels` functions so that each call is counted in the returned dict."""
     calls = dict.fromkeys(names, 0)
@@ -268,7 +318,10 @@ def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
 
 def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_case, monkeypatch):
     calls = count_kernel_calls(monkeypatch, ["group_norm", "geglu", "geglu_matmul", "layer_norm", "add_with_bias", "linear_add",
-                                             "frame_attention"])
+                                             "frame_attention", "flash_attention"])
+    # the tiny model's level-0 frames have 160 tokens (the text 77, level 1 48): the level-0
+    # spatial self-attentions go through the flash kernel (all of them: minutes in the interpreter)
+    monkeypatch.setattr(kernels, "FLASH_ATTENTION_MIN_KEYS", 100)
     supported = []
     forward = GroupNorm32.forward
 
@@ -292,6 +345,8 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
     # both self-attentions of every temporal transformer, on the fused q/k/v projection's views
     temporal = sum(isinstance(m, TemporalTransformer) for m in model.modules())
     assert calls["frame_attention"] >= 2 * temporal > 0, calls
+    level0 = sum(isinstance(m, SpatialTransformer) and m.norm.num_channels == 64 for m in model.modules())
+    assert calls["flash_attention"] >= level0 > 0, calls
     assert all(m.qkv_weight is not None for m in model.modules() if isinstance(m, Attention) and m.self_attention)
     assert rel_l2(out, tiny_case["out"]) <= 1e-4
     assert max_abs(out, tiny_case["out"]) <= 2e-5

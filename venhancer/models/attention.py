@@ -171,6 +171,15 @@ def attention_over_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     return out
 
 
+def _takes_flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
+    """Whether `kernels.flash_attention` runs this attention instead of SDPA: with the SDPA backend
+    (an explicit xformers choice is kept), for key sequences of at least
+    `kernels.FLASH_ATTENTION_MIN_KEYS` (the text's 77 keys stay with SDPA), in a layout the
+    kernel takes."""
+    return (kernels.runs_on(q) and k.shape[1] >= kernels.FLASH_ATTENTION_MIN_KEYS
+            and _backend_for(q.device) == "sdpa" and kernels.flash_attention_supported(q, k, v, heads))
+
+
 def linear_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, fused: bool,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """residual + x @ weight.T + bias, x's rows matching residual's in order; written into `out`
@@ -207,6 +216,7 @@ class Attention(nn.Module):
         self.self_attention = context_dim is None
         self.fused = False  # output projection + residual in one kernel (set by optimize)
         self.frame_kernel = False  # attention over frames in one Triton kernel (set by optimize)
+        self.flash_kernel = False  # long self-attention in one Triton kernel (set by optimize)
         # (3*inner, query_dim) with to_q/to_k/to_v's weights as its row blocks (`fuse_projections`);
         # not persistent: the checkpoint keys stay to_q/to_k/to_v.
         self.register_buffer("qkv_weight", None, persistent=False)
@@ -248,6 +258,8 @@ class Attention(nn.Module):
             out = kernels.frame_attention(q, k, v, self.heads, frames)
         elif frames is not None:
             out = attention_over_frames(q, k, v, self.heads, frames)
+        elif self.flash_kernel and _takes_flash_kernel(q, k, v, self.heads):
+            out = kernels.flash_attention(q, k, v, self.heads)
         else:
             out = attention(q, k, v, self.heads)
         if residual is None:

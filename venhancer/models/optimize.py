@@ -12,7 +12,8 @@
   pixel's frames by stride and writes the frame-major output directly);
 - self-attention's q/k/v projections as one matmul (the three weights become views of one);
 - the decoder's upsampling as one transposed convolution (`layers.upsample_conv_kernel`);
-- the SDPA kernel picked per sequence length;
+- the SDPA kernel picked per sequence length, and on Hopper-class GPUs the spatial
+  self-attentions in a Triton flash-attention kernel (`kernels.flash_attention`);
 - the transformers' feed-forward over bounded token chunks, the spatial transformers and the
   decoder ResBlocks that concatenate a skip (and, optionally, every ResBlock's per-frame part and
   the upsampling) over a few frames at a time (lower peak memory, same result);
@@ -45,6 +46,9 @@ class InferenceOptions:
     # With fused_kernels, the temporal attention as one Triton kernel over frame-major tokens
     # (`kernels.frame_attention`) instead of SDPA on strided views plus a copy of its output.
     frame_attention_kernel: bool = True
+    # With fused_kernels, on Hopper-class GPUs, the long spatial self-attentions in one Triton
+    # flash-attention kernel (`kernels.flash_attention`) instead of cuDNN's through SDPA.
+    flash_attention_kernel: bool = True
     # Tokens per feed-forward chunk; at level 0 of a 31-frame 162x240 window one chunk of
     # 2**18 tokens has a 2.7 GB GEGLU intermediate in fp16 instead of 12 GB unchunked.
     ff_chunk_tokens: int | None = 2**18
@@ -97,6 +101,7 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
             module.fused = options.fused_kernels
         if isinstance(module, Attention):
             module.frame_kernel = options.fused_kernels and options.frame_attention_kernel
+            module.flash_kernel = options.fused_kernels and options.flash_attention_kernel
         if isinstance(module, Attention) and module.self_attention:
             if not options.fused_projections:
                 module.qkv_weight = None  # the Linears' weights stay views of it: same values
