@@ -51,6 +51,17 @@ def runs_on(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or (_INTERPRET and x.device.type == "cpu"))
 
 
+def _half_or_interpreted(x: torch.Tensor) -> bool:
+    """Whether x has a dtype the tensor-core kernels take: half precision, or under the
+    interpreter (CPU tests) any float dtype."""
+    return x.dtype in (torch.float16, torch.bfloat16) or (_INTERPRET and x.device.type == "cpu")
+
+
+def _power_of_two_head(head_dim: int, widest: int) -> bool:
+    """A head width the attention kernels' tiles take: a power of two from 16 to `widest`."""
+    return 16 <= head_dim <= widest and head_dim & (head_dim - 1) == 0
+
+
 if triton is not None:
     # Sizes that only bound loops or masks (rows, tile and partial counts, group sizes, frame and
     # position counts) are left unspecialised: Triton would otherwise compile a kernel again for
@@ -597,8 +608,7 @@ def matmul_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the fused matmul kernels take x (..., dim) and an nn.Linear weight (out, dim):
     half precision on CUDA (any float dtype under the interpreter), both contiguous, dim a
     multiple of 16."""
-    half = x.dtype in (torch.float16, torch.bfloat16) or (_INTERPRET and x.device.type == "cpu")
-    return (triton is not None and half and x.dtype == weight.dtype and x.is_contiguous()
+    return (triton is not None and _half_or_interpreted(x) and x.dtype == weight.dtype and x.is_contiguous()
             and weight.is_contiguous() and x.shape[-1] == weight.shape[1] and x.shape[-1] % 16 == 0
             and x.numel() > 0)
 
@@ -762,10 +772,9 @@ def frame_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if triton is None or q.ndim != 3 or heads <= 0 or q.shape[-1] % heads or frames <= 0:
         return False
     head_dim = q.shape[-1] // heads
-    half = q.dtype in (torch.float16, torch.bfloat16) or (_INTERPRET and q.device.type == "cpu")
-    return (half and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
+    return (_half_or_interpreted(q) and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
             and q.shape[1] % frames == 0 and frames <= FRAME_ATTENTION_MAX_FRAMES and q.numel() > 0
-            and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+            and _power_of_two_head(head_dim, 256)
             and all(_token_strides(t) is not None for t in (q, k, v)))
 
 
@@ -808,10 +817,9 @@ def flash_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if triton is None or TensorDescriptor is None or q.ndim != 3 or heads <= 0 or q.shape[-1] % heads:
         return False
     head_dim = q.shape[-1] // heads
-    half = q.dtype in (torch.float16, torch.bfloat16) or (_INTERPRET and q.device.type == "cpu")
-    return (half and q.dtype == k.dtype == v.dtype and k.ndim == 3 and k.shape == v.shape
+    return (_half_or_interpreted(q) and q.dtype == k.dtype == v.dtype and k.ndim == 3 and k.shape == v.shape
             and k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2] and q.numel() > 0 and k.shape[1] > 0
-            and 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0 and q.shape[0] * heads < 2**16
+            and _power_of_two_head(head_dim, 128) and q.shape[0] * heads < 2**16
             and _has_tma(q.device)
             and all(t.stride(2) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
                     and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (q, k, v)))
