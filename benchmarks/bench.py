@@ -415,6 +415,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=2, help="pipeline: solver steps to run (normal mode)")
     parser.add_argument("--low_vram", action="store_true", help="pipeline: run the CLI with --low_vram")
+    parser.add_argument("--nproc", type=int, nargs="+", default=None,
+                        help="pipeline: one run per process count (torchrun for more than 1), for multi-GPU scaling")
     parser.add_argument("--startup_only", action="store_true",
                         help="pipeline: only the start-up (process start to the first denoising step), several runs")
     args = parser.parse_args(argv)

@@ -14,12 +14,14 @@ BENCH_SMOKE=1 runs the same flow on the CPU with the tiny test models (checks th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,9 +101,12 @@ def run_pipeline(args) -> int:
         flags = ["--up_scale", "4", "--target_fps", "24"]
     write_s = time.perf_counter() - t0
     save_dir = scratch / "results"
-    cmd = [sys.executable, str(ROOT / "enhance_a_video.py"), "--input_path", str(clip), "--config", str(config),
-           "--save_dir", str(save_dir), "--noise_aug", "250", "--solver_mode", "normal", "--steps", str(args.steps),
-           "--prompt", "a red ball bouncing over a checkerboard", *flags, *(["--low_vram"] if args.low_vram else [])]
+    cli_args = ["--input_path", str(clip), "--config", str(config), "--noise_aug", "250", "--solver_mode", "normal",
+                "--steps", str(args.steps), "--prompt", "a red ball bouncing over a checkerboard", *flags,
+                *(["--low_vram"] if args.low_vram else [])]
+    if args.nproc:
+        return run_scaling(cli_args, scratch, out_dir, args)
+    cmd = [sys.executable, str(ROOT / "enhance_a_video.py"), *cli_args, "--save_dir", str(save_dir)]
     if args.startup_only:
         return run_startup(cmd, out_dir, write_s)
     start = time.time()
@@ -196,3 +201,94 @@ def run_startup(cmd: list[str], out_dir: Path, write_s: float) -> int:
     print(f"{'warm, without the GPU warm-up thread':<40}{no_warmup:>8.1f} s")
     print(f"{'warm, under -X importtime':<40}{imports:>8.1f} s (import_times.log)")
     return 0
+
+
+class GpuMemoryPeaks:
+    """Highest memory in use on each GPU while the block runs, polled from nvidia-smi every
+    0.2 s (all processes on the GPU and their CUDA contexts included): the per-GPU peak of a
+    torchrun run, whose sidecar holds only rank 0's allocator peak. Empty without nvidia-smi."""
+
+    def __init__(self):
+        self.peaks_mib: dict[int, int] = {}
+        self._proc = None
+        self._thread = None
+
+    def __enter__(self):
+        try:
+            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
+                                           "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # no nvidia-smi (the CPU smoke run)
+            return self
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self):
+        for line in self._proc.stdout:
+            fields = line.split(",")
+            if len(fields) == 2 and fields[0].strip().isdigit() and fields[1].strip().isdigit():
+                index, used = int(fields[0]), int(fields[1])
+                self.peaks_mib[index] = max(used, self.peaks_mib.get(index, 0))
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+            self._thread.join(timeout=5)
+        return False
+
+
+def run_scaling(cli_args: list[str], scratch: Path, out_dir: Path, args) -> int:
+    """The seed clip once per process count in `args.nproc` (one plain process for 1, torchrun
+    for more), one after the other on the same model files and kernel cache: per-phase times of
+    rank 0 (which decodes and writes), the denoising speed-up over the first count, each GPU's peak
+    memory in use, and whether every run wrote the same video (MD5 of the MP4)."""
+    runs = []
+    for count in args.nproc:
+        save_dir = scratch / f"results_{count}"
+        launcher = [] if count == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(count),
+                                          "--master_port", str(29400 + count)]
+        cmd = [sys.executable, *launcher, str(ROOT / "enhance_a_video.py"), *cli_args, "--save_dir", str(save_dir)]
+        # On the CPU (smoke run) results depend on the thread count, which torchrun sets to 1.
+        env = dict(os.environ, OMP_NUM_THREADS="1") if SMOKE else None
+        start = time.time()
+        with GpuMemoryPeaks() as memory:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.time() - start
+        (out_dir / f"pipeline_nproc{count}_stderr.log").write_text(proc.stderr[-200_000:])
+        if proc.returncode != 0:
+            print(proc.stderr[-5000:], file=sys.stderr)
+            return proc.returncode
+        stem = Path(cli_args[cli_args.index("--input_path") + 1]).stem
+        sidecar = json.loads((save_dir / f"{stem}.json").read_text())
+        steps = sidecar["solver_steps_s"]
+        runs.append({
+            "processes": count,
+            "process_wall_s": wall,
+            "startup_to_denoise_s": sidecar["denoise_start_unix_time"] - start,
+            "timings_s": sidecar["timings_s"],
+            "solver_steps_s": steps,
+            # The first step carries any compilation: the later steps' median when there are any.
+            "per_solver_step_s": statistics.median(steps[1:]) if len(steps) > 1 else steps[0],
+            "gpu_peak_memory_used_GB": {str(i): mib * 2**20 / 1e9 for i, mib in sorted(memory.peaks_mib.items())},
+            "distributed": sidecar.get("distributed"),
+            "output_md5": hashlib.md5((save_dir / f"{stem}.mp4").read_bytes()).hexdigest(),
+        })
+    base = runs[0]
+    for run in runs:
+        run["denoise_step_speedup"] = base["per_solver_step_s"] / run["per_solver_step_s"]
+        run["output_identical_to_first"] = run["output_md5"] == base["output_md5"]
+    result = {"gpu": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "gpus_visible": torch.cuda.device_count(),
+              "torch": torch.__version__, "steps_run": args.steps, "low_vram": args.low_vram, "runs": runs}
+    (out_dir / "bench_pipeline_scaling.json").write_text(json.dumps(result, indent=1))
+    print(f"\nSeed clip on {result['gpu']} x {result['gpus_visible']}, {args.steps} solver steps per run, "
+          f"one run per process count (speed-up: later solver steps against {base['processes']} process):")
+    print(f"{'processes':>9} {'start->denoise':>14} {'encode':>7} {'denoise':>8} {'per step':>9} {'speed-up':>9} "
+          f"{'decode+write':>13} {'wall':>7}  peak GB per GPU (nvidia-smi)  same video")
+    for run in runs:
+        t = run["timings_s"]
+        peaks = " ".join(f"{v:.1f}" for v in run["gpu_peak_memory_used_GB"].values()) or "-"
+        print(f"{run['processes']:>9} {run['startup_to_denoise_s']:>14.1f} {t['encode']:>7.1f} {t['sample']:>8.1f} "
+              f"{run['per_solver_step_s']:>9.2f} {run['denoise_step_speedup']:>8.2f}x {t['decode_write']:>13.1f} "
+              f"{run['process_wall_s']:>7.1f}  {peaks:<28} {'yes' if run['output_identical_to_first'] else 'NO'}")
+    return 0 if all(run["output_identical_to_first"] for run in runs) else 1

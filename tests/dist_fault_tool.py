@@ -52,17 +52,23 @@ def install(spec: str, rank: int) -> None:
         pipeline.read_video = read_video
     elif kind == "network":
         real_forward = VEnhancerUNet.forward
+        real_branches = VEnhancerUNet.forward_branches
 
         def fail():
             raise RuntimeError(f"injected network failure on process {rank}")
 
-        hook = _nth(int(arg), fail)
+        hook = _nth(int(arg), fail)  # counts both entry points: a window's branches alone or together
 
         def forward(self, *args, **kwargs):
             hook()
             return real_forward(self, *args, **kwargs)
 
+        def forward_branches(self, *args, **kwargs):
+            hook()
+            return real_branches(self, *args, **kwargs)
+
         VEnhancerUNet.forward = forward
+        VEnhancerUNet.forward_branches = forward_branches
     elif kind == "merge":
         real_merge = guidance.merge_windows
 

@@ -42,3 +42,17 @@ def test_pipeline_benchmark_smoke(tmp_path, mode):
         result = json.loads((tmp_path / "bench_pipeline.json").read_text())
         assert result["steps_run"] == 1 and len(result["solver_steps_s"]) == 1
     assert "denoising:" in (tmp_path / "warm_start_timeline.log").read_text()
+
+
+def test_pipeline_scaling_benchmark_smoke(tmp_path):
+    # One plain process, then torchrun with 2 (gloo on the CPU): the same video, and the sharing
+    # recorded in the second run's sidecar.
+    proc = _bench(tmp_path, "pipeline", "--steps", "2", "--nproc", "1", "2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "bench_pipeline_scaling.json").read_text())["runs"]
+    assert [run["processes"] for run in runs] == [1, 2]
+    assert runs[0]["distributed"] is None
+    assert runs[1]["distributed"] == {"processes": 2, "sharding": "windows"}
+    assert all(run["output_identical_to_first"] and len(run["solver_steps_s"]) == 2 for run in runs)
+    assert runs[0]["denoise_step_speedup"] == 1.0
+    assert "same video" in proc.stdout

@@ -77,6 +77,27 @@ def test_assignment_known_cases():
         assign_jobs([1], 0)
 
 
+def test_assignment_keeps_window_branches_together():
+    """With at least as many windows as processes a window's branches go to one process (they
+    share their first layers there), the windows balanced by their summed frames; with fewer
+    windows than processes the branches are shared out one by one."""
+    weights = seed_clip_weights()
+    windows = [i // 2 for i in range(len(weights))]  # job 2w and 2w+1: window w's two branches
+    for world in (1, 2, 3, 4, 8):
+        owners = assign_jobs(weights, world, groups=windows)
+        assert all(owners[2 * w] == owners[2 * w + 1] for w in range(8))
+        assert sorted(set(owners)) == list(range(world))
+        pairs = [weights[2 * w] + weights[2 * w + 1] for w in range(8)]
+        assert owners[::2] == assign_jobs(pairs, world)
+    # 2 processes: the 80-frame window and 3 of 62 on one, 4 of 62 on the other
+    assert sorted(loads(weights, assign_jobs(weights, 2, groups=windows), 2)) == [248, 266]
+    # 16 processes for 8 windows: one branch each, as without groups
+    assert assign_jobs(weights, 16, groups=windows) == assign_jobs(weights, 16)
+    assert assign_jobs([3, 4], 1, groups=["a", "a"]) == [0, 0]
+    with pytest.raises(ValueError):
+        assign_jobs([1, 2], 2, groups=["a"])
+
+
 def test_assignment_within_greedy_bound_of_optimum():
     """Longest-first is within 4/3 of the best makespan (Graham); checked by brute force."""
     rng = random.Random(3)
@@ -171,7 +192,9 @@ def test_protocol_with_three_processes(tmp_path):
         assert all(r["same"] for r in results), name
         assert len({r["digest"] for r in results}) == 1, name  # every process holds the same result
         assert sum(r["calls"] for r in results) == results[0]["alone_calls"], name  # each job ran once
-    assert [s["equal"]["ok"]["calls"] for s in seen] == [15, 12, 15]  # 14 jobs x 3 steps, frame-balanced
+    # 7 windows (6 of 8 frames, the last 9) x 2 branches x 3 steps; each window's two branches on one
+    # process, the windows frame-balanced (longest first): 2, 3 and 2 windows per step.
+    assert [s["equal"]["ok"]["calls"] for s in seen] == [12, 18, 12]
     # A network failure on process 1: it raises its own error, the others stop with it.
     assert [s["network"].get("error") for s in seen] == ["PeerFailure", "RuntimeError", "PeerFailure"]
     assert seen[0]["network"]["message"] == "process 1 failed: toy network failure"

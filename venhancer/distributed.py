@@ -15,7 +15,9 @@ The work is shared out in one of two ways (the command line picks one per run):
   communication while denoising; rank 0 prints the summary of all of them.
 * **windows**: a single video, or fewer videos than processes. All processes enhance the same video in
   lockstep. At every solver step the (temporal window, guidance branch) network evaluations are shared
-  out (:func:`assign_jobs`, balanced by frame count), each process evaluates its own, and the outputs are
+  out (:func:`assign_jobs`, balanced by frame count; a window's two branches stay together, sharing
+  their first layers, while there are at least as many windows as processes), each process evaluates
+  its own, and the outputs are
   gathered to every process (:class:`WindowSharding`); the cross-fade and solver update then run
   identically everywhere. Every process reads, encodes and draws noise with the same seed in the same
   order, so all hold the same values; rank 0 additionally broadcasts the denoiser's inputs, and it alone
@@ -42,7 +44,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Hashable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -114,15 +116,29 @@ def _communicating(what: str) -> Iterator[None]:
         raise CommunicationError(f"communication between processes failed while {what}: {_first_line(exc)}") from exc
 
 
-def assign_jobs(weights: Sequence[float], world_size: int) -> list[int]:
+def assign_jobs(weights: Sequence[float], world_size: int, groups: Optional[Sequence[Hashable]] = None) -> list[int]:
     """The process (rank) that evaluates each job: greedy longest-first onto the least loaded process.
 
     Jobs are taken by decreasing weight (a job's frame count), ties by job index; each goes to the
-    process with the smallest total weight so far, ties to the lowest rank. A pure function of its
-    arguments, so every process computes the same assignment. Returns one rank per job, in job order.
+    process with the smallest total weight so far, ties to the lowest rank. `groups` (a key per
+    job, e.g. its temporal window): jobs with one key go to one process together, as one job of
+    their summed weight, when there are at least as many groups as processes (a window's guidance
+    branches then share their first layers); with fewer groups the jobs are assigned one by one.
+    A pure function of its arguments, so every process computes the same assignment. Returns one
+    rank per job, in job order.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if groups is not None:
+        if len(groups) != len(weights):
+            raise ValueError(f"{len(groups)} group keys for {len(weights)} jobs")
+        keys = list(dict.fromkeys(groups))  # in order of first appearance
+        if len(keys) >= world_size:
+            totals = dict.fromkeys(keys, 0.0)
+            for weight, key in zip(weights, groups):
+                totals[key] += weight
+            owner_of = dict(zip(keys, assign_jobs([totals[key] for key in keys], world_size)))
+            return [owner_of[key] for key in groups]
     loads = [0.0] * world_size
     owners = [0] * len(weights)
     for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
@@ -382,7 +398,7 @@ class WindowSharding:
         if not jobs:
             return []
         world, rank = self.ctx.world_size, self.ctx.rank
-        owners = assign_jobs([job.x.shape[2] for job in jobs], world)
+        owners = assign_jobs([job.x.shape[2] for job in jobs], world, groups=[job.window for job in jobs])
         mine = [i for i, owner in enumerate(owners) if owner == rank]
         error: Optional[BaseException] = None
         outs: list[Tensor] = []
