@@ -17,12 +17,12 @@ The work is shared out in one of two ways (the command line picks one per run):
   lockstep. At every solver step the (temporal window, guidance branch) network evaluations are shared
   out (:func:`assign_jobs`, balanced by frame count; a window's two branches stay together, sharing
   their first layers, while there are at least as many windows as processes), each process evaluates
-  its own, and the outputs are
-  gathered to every process (:class:`WindowSharding`); the cross-fade and solver update then run
-  identically everywhere. Every process reads, encodes and draws noise with the same seed in the same
-  order, so all hold the same values; rank 0 additionally broadcasts the denoiser's inputs, and it alone
-  decodes and writes the output. The numbers do not depend on the number of processes: each network
-  evaluation is the same call, with the same batch, as in a single process.
+  its own, and the outputs are gathered to every process (:class:`WindowSharding`); the cross-fade and
+  solver update then run identically everywhere. Every process reads, encodes and draws noise with the
+  same seed in the same order, so all hold the same values; rank 0 additionally broadcasts the
+  denoiser's inputs, and it alone decodes and writes the output. The numbers do not depend on the
+  number of processes: each network evaluation is the same call, with the same batch, as in a single
+  process.
 
 Two process groups: the *control* group (the default group, gloo, CPU, long timeout) carries agreements
 between processes (arguments, the list of videos, model loading, per-video failures, results), where a
