@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from unet_helpers import call_args, max_abs, rel_l2
 from venhancer.models import kernels
-from venhancer.models.attention import GEGLU, Attention, SpatialTransformer, TemporalTransformer, TransformerBlock
+from venhancer.models.attention import (GEGLU, Attention, FeedForward, SpatialTransformer, TemporalTransformer,
+                                         TransformerBlock)
 from venhancer.models.layers import GroupNorm32, _group_norm_act
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 
@@ -71,6 +72,16 @@ def test_geglu_matches_eager():
     assert (kernels.geglu(proj) - value * F.gelu(gate)).abs().max() < 1e-6
 
 
+def test_gelu_rational_erf_matches_float64_everywhere():
+    # value 1: the kernels' GELU itself, over the fit's range, its clamp and beyond
+    x = torch.linspace(-12, 12, 12001)
+    got = kernels.geglu(torch.cat([torch.ones_like(x), x])[None])[0].double()
+    want = F.gelu(x.double())
+    err = (got - want).abs()
+    assert (err <= 2.5e-7 * x.abs().double() + 2.5e-7 * want.abs() + 1e-30).all(), err.max()
+    assert got[x < -6].abs().max() < 1e-6 and (got[x > 6] == x[x > 6].double()).all()
+
+
 @pytest.mark.parametrize("dim", [80, 320, 128])
 def test_layer_norm_matches_float64(dim):
     x = torch.randn(2, 37, dim) * 3 + 5
@@ -125,19 +136,37 @@ def test_geglu_matmul_walks_several_tiles_per_program(tma, flatten, monkeypatch)
     assert (got.double() - want).abs().max() / want.abs().max() < 1e-5
 
 
-def test_interleaved_geglu_weight_layout_and_refresh():
-    weight = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(6, 2)  # hidden 3, dim 2
-    inter = kernels.interleave_geglu_weight(weight, block_n=2)  # 2 blocks, hidden padded to 4
-    value, gate = weight[:3], weight[3:]
-    zero = torch.zeros(1, 2)
-    assert torch.equal(inter, torch.cat([value[:2], gate[:2], value[2:], zero, gate[2:], zero]))
-    from venhancer.models.layers import DerivedWeight
-
-    cache = DerivedWeight(kernels.interleave_geglu_weight)
-    first = cache(weight)
-    assert cache(weight) is first
-    weight.mul_(2)  # in place, as load_state_dict does
-    assert torch.equal(cache(weight), kernels.interleave_geglu_weight(weight))
+@pytest.mark.parametrize("matmul_kernel", [True, False])
+def test_feed_forward_adds_in_place_with_the_bias_as_a_column(matmul_kernel, monkeypatch):
+    """With the GEGLU matmul kernel and with cuBLAS + the gate kernel (wider inputs, GPUs before
+    Hopper): the down-projection's bias rides on the GEGLU output's ones column."""
+    if not matmul_kernel:
+        monkeypatch.setattr(kernels, "GEGLU_MATMUL_MAX_DIM", 16)
+    torch.manual_seed(11)
+    ff = FeedForward(48)  # hidden 192
+    x, residual = torch.randn(2, 37, 48), torch.randn(2, 37, 48)
+    for make in (kernels.geglu_matmul, kernels.geglu):
+        hidden = make(x, ff.net[0].proj.weight, ff.net[0].proj.bias, bias_column=True) if make is kernels.geglu_matmul \
+            else make(F.linear(x, ff.net[0].proj.weight, ff.net[0].proj.bias), bias_column=True)
+        assert hidden.shape == (2, 37, 192 + kernels.BIAS_COLUMNS)
+        assert torch.equal(hidden[..., 192], torch.ones(2, 37)) and not hidden[..., 193:].any()
+    with torch.no_grad():
+        want = residual.double() + ff(x).double()  # eager: GELU, Linear, add
+        weight = ff.net[2].weight.clone()
+        optimize_for_inference(ff, InferenceOptions())
+        assert torch.equal(ff.net[2].weight, weight) and ff.net[2].weight.data_ptr() == ff.down_with_bias.data_ptr()
+        assert set(ff.state_dict()) == {"net.0.proj.weight", "net.0.proj.bias", "net.2.weight", "net.2.bias"}
+        target = residual.clone()
+        got = ff(x, residual=target, out=target)
+        assert got is target and (got.double() - want).abs().max() < 1e-4
+        state = {k: v.clone() for k, v in ff.state_dict().items()}
+        state["net.2.bias"] += 1
+        ff.load_state_dict(state)  # copies into the views: the joined matrix follows
+        target = residual.clone()
+        assert (ff(x, residual=target, out=target).double() - want - 1).abs().max() < 1e-4
+        ff.net[2].bias = torch.nn.Parameter(ff.net[2].bias + 1)  # replaced: no longer a view
+        assert ff._joined_down_bias() is None
+        assert (ff(x, residual=residual.clone()).double() - want - 2).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("persistent", [True, False])
@@ -336,12 +365,15 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
     # Every GroupNorm input of a layout the kernel takes went through it (on the CPU the
     # temporal Conv3d returns channels-first 5-D tensors, which fall back to eager), and so did
     # every GEGLU (the tiny model's widths take the fused projection, as do its residual Linears:
-    # 3 per transformer block, plus each transformer's output projection).
+    # 2 per transformer block, plus each transformer's output projection; the feed-forward's
+    # down-projection adds in place on cuBLAS, its bias as an input column).
     assert calls["group_norm"] == sum(supported) >= len(supported) / 2, (calls, len(supported))
     assert calls["geglu_matmul"] >= sum(isinstance(m, GEGLU) for m in model.modules()) and calls["geglu"] == 0, calls
     blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
     assert calls["layer_norm"] >= 3 * blocks and calls["add_with_bias"] > 0, calls
-    assert calls["linear_add"] >= 4 * blocks, calls
+    transformers = sum(isinstance(m, (SpatialTransformer, TemporalTransformer)) for m in model.modules())
+    assert calls["linear_add"] >= 2 * blocks + transformers, calls
+    assert all(m._joined_down_bias() is not None for m in model.modules() if isinstance(m, FeedForward))
     # both self-attentions of every temporal transformer, on the fused q/k/v projection's views
     temporal = sum(isinstance(m, TemporalTransformer) for m in model.modules())
     assert calls["frame_attention"] >= 2 * temporal > 0, calls

@@ -12,6 +12,7 @@ from torch import nn
 
 from unet_helpers import call_args, max_abs, rel_l2
 from venhancer.models.attention import Attention, TemporalTransformer
+from venhancer.models.controlnet import BiasPending
 from venhancer.models.layers import GroupNorm32, ResBlock, Upsample
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 
@@ -30,6 +31,22 @@ def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, spatial,
         out = model(*call_args(tiny_case))
     assert rel_l2(out, tiny_case["out"]) <= REL_L2
     assert max_abs(out, tiny_case["out"]) <= 2e-5
+
+
+def test_zero_conv_biases_fold_into_the_skip_sums(tiny_model, tiny_case):
+    model = optimize_for_inference(copy.deepcopy(tiny_model))
+    control_net = model.VideoControlNet
+    assert control_net.fold_conv_bias
+    with torch.no_grad():
+        width = control_net.middle_block_out[0].in_channels
+        pending = control_net._zero_conv(control_net.middle_block_out, torch.randn(2, width, 3, 4))
+        out, control = model(*call_args(tiny_case), return_control=True)
+        _, want = tiny_model(*call_args(tiny_case), return_control=True)
+    assert isinstance(pending, BiasPending) and pending.bias is control_net.middle_block_out[0].bias
+    assert rel_l2(out, tiny_case["out"]) <= REL_L2
+    # the residuals handed out carry their biases
+    assert len(control) == len(want) and all(isinstance(c, torch.Tensor) and rel_l2(c, w) <= REL_L2
+                                             for c, w in zip(control, want))
 
 
 def test_optimize_keeps_state_dict_and_folds_silu(tiny_model):

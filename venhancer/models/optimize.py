@@ -2,7 +2,8 @@
 
 `optimize_for_inference` rewires a loaded `VEnhancerUNet` in place:
 - SiLU folded into the GroupNorm before it, the ResBlocks' time-embedding add and the conv
-  biases folded into the GroupNorm or residual add after them, and on CUDA Triton kernels for
+  biases folded into the GroupNorm or residual add after them (the ControlNet's zero
+  convolutions' biases into the UNet's skip sums), and on CUDA Triton kernels for
   GroupNorm(+SiLU), LayerNorm, the GEGLU gate and bias+residual adds, and for the narrow
   Linears a matmul with the GEGLU gate or the residual add in its epilogue (`venhancer.models.kernels`);
 - channels-last weights, so convolutions run in cuDNN's native NHWC layout and the per-frame
@@ -11,6 +12,8 @@
   temporal transformers (frame-major tokens; on CUDA one Triton kernel attends over each
   pixel's frames by stride and writes the frame-major output directly);
 - self-attention's q/k/v projections as one matmul (the three weights become views of one);
+- the feed-forward's down-projection as one in-place cuBLAS matmul that also adds its bias (as an
+  input column: weight and bias become views of one matrix) and the residual (as the accumulator);
 - the decoder's upsampling as one transposed convolution (`layers.upsample_conv_kernel`);
 - the SDPA kernel picked per sequence length, and on Hopper-class GPUs the spatial
   self-attentions in a Triton flash-attention kernel (`kernels.flash_attention`);
@@ -32,6 +35,7 @@ from torch import nn
 
 from .attention import (GEGLU, Attention, FeedForward, LayerNorm, SpatialTransformer, TemporalTransformer, TransformerBlock,
                         set_tuned_sdpa)
+from .controlnet import VideoControlNet
 from .layers import GroupNorm32, ResBlock, TemporalConvBlock, Upsample
 from .unet import VEnhancerUNet
 
@@ -107,7 +111,9 @@ def optimize_for_inference(model: nn.Module, options: InferenceOptions | None = 
                 module.qkv_weight = None  # the Linears' weights stay views of it: same values
             elif module.qkv_weight is None:
                 module.fuse_projections()
-        if isinstance(module, (ResBlock, TemporalConvBlock)):
+        if isinstance(module, FeedForward) and options.fused_kernels and module.down_with_bias is None:
+            module.join_down_bias()
+        if isinstance(module, (ResBlock, TemporalConvBlock, VideoControlNet)):
             module.fold_conv_bias = options.fused_kernels
         if isinstance(module, (ResBlock, Upsample)):
             module.frame_chunk = options.conv_frame_chunk

@@ -11,7 +11,7 @@ from torch import nn
 from .attention import TransformerBlock
 from .blocks import EncoderState, build_decoder, build_encoder, build_middle, encode_rest, encode_text_free
 from .config import UNetConfig
-from .controlnet import VideoControlNet, network_inputs
+from .controlnet import BiasPending, VideoControlNet, control_tensor, network_inputs, plus_control
 from .inputs import NetworkInputs
 from .layers import EmbeddingMLP, GroupNorm32, timestep_sinusoid
 
@@ -64,7 +64,7 @@ class VEnhancerUNet(nn.Module):
         control_state = self.VideoControlNet.start(inp)
         control = control_state.outputs + self.VideoControlNet.finish(control_state, inp.y, consume=True)
         del control_state
-        returned = list(control) if return_control else None
+        returned = [control_tensor(r) for r in control] if return_control else None
         state = self._start(inp, control)
         v = self._finish(state, inp.y, control, x.dtype, consume=True)
         return (v, returned) if return_control else v
@@ -90,7 +90,8 @@ class VEnhancerUNet(nn.Module):
             outputs.append(self._finish(state, y, control, x.dtype, consume=last))
         return outputs
 
-    def _start(self, inp: NetworkInputs, control: list[torch.Tensor | None], self_attention: bool = False) -> EncoderState:
+    def _start(self, inp: NetworkInputs, control: list[torch.Tensor | BiasPending | None],
+               self_attention: bool = False) -> EncoderState:
         """The UNet encoder up to its first text-reading layer. `control`: the ControlNet
         residuals, one per encoder block in order (at least of the blocks completed here): each
         is folded into its skip as soon as the skip exists, and its entry released.
@@ -101,13 +102,13 @@ class VEnhancerUNet(nn.Module):
         x = inp.x.transpose(1, 2).reshape(b * f, c, h, w)  # (b, c, f, h, w) -> ((b f), c, h, w)
 
         def skip(index: int, out: torch.Tensor) -> torch.Tensor:
-            folded = out + control[index]
+            folded = plus_control(out, control[index])
             control[index] = None
             return folded
 
         return encode_text_free(self.input_blocks, x, emb, f, first=0, keep=skip, outputs=[], self_attention=self_attention)
 
-    def _finish(self, state: EncoderState, context: torch.Tensor, control: list[torch.Tensor | None],
+    def _finish(self, state: EncoderState, context: torch.Tensor, control: list[torch.Tensor | BiasPending | None],
                 out_dtype: torch.dtype, consume: bool = False) -> torch.Tensor:
         """The UNet from `state` on with one text context. `control`: the ControlNet residuals
         indexed by encoder block (those from `state.block` on are used), then the middle block's.
@@ -118,12 +119,12 @@ class VEnhancerUNet(nn.Module):
         skips = state.outputs if consume else list(state.outputs)
 
         def skip(index: int, out: torch.Tensor) -> None:
-            skips.append(out + control[index])
+            skips.append(plus_control(out, control[index]))
             control[index] = None
 
         x = encode_rest(self.input_blocks, state, context, keep=skip, consume=consume)
         x = self.middle_block(x, state.emb, context, f)
-        x = x + control[-1]
+        x = plus_control(x, control[-1])
         for block in self.output_blocks:
             # x comes first in the channel concatenation, which the block's ResBlock forms (per
             # frame chunk when it runs in chunks).
