@@ -208,9 +208,9 @@ if triton is not None:
 
     @triton.jit
     def _gelu(x):
-        # Exact (erf) GELU, x * (1 + erf(x / sqrt(2))) / 2, with erf(z) = z P(z^2) / Q(z^2), P and Q
-        # of degree 5: a rational fit to erf on |z| <= 3.92 (weighted least squares), where
-        # erf(3.92) = 1 - 4.5e-8 makes the clamp exact to float32 resolution. |error| < 5e-7 evaluated in
+        # Exact (erf) GELU, x * (1 + erf(x / sqrt(2))) / 2, with erf(z) = z P(z^2) / Q(z^2), P and
+        # Q of degree 5: a rational fit to erf on |z| <= 3.92 (weighted least squares), where
+        # erf(3.92) = 1 - 4.5e-8 makes the clamp exact to float32 resolution. |error| < 5e-7 in
         # float32, far below the half-precision rounding of the output; one division instead of
         # libdevice's erff (two polynomials, an exp2, selects), which had made the GEGLU epilogue
         # the bottleneck of 320-wide projections (H100: 1.13 -> 0.97 ms for 262144 tokens).
@@ -631,8 +631,8 @@ LINEAR_ADD_CONFIG = (128, 256, 64, 8, 3)
 # (H100, 2026-11-26f; still the best of 8 tile shapes): 320-wide 1.07 vs 1.63 ms, 640-wide 3.36
 # vs 4.10, and 1280-wide inputs now win too: 78120 tokens 3.45 vs 3.73 ms, 100800 4.50 vs 4.93,
 # 20460 0.94 vs 0.96. The weight is read as stored through a 3-D descriptor, as fast as the
-# interleaved copy it used to keep (0.6 GB for all widths); two N-wide products per k step
-# instead of one 2N-wide ran 1.2-1.3x slower.
+# interleaved copy it used to keep (0.12 GB for the widths up to 640; 0.59 GB with 1280); two
+# N-wide products per k step instead of one 2N-wide ran 1.2-1.3x slower.
 GEGLU_MATMUL_CONFIG = (128, 128, 64, 8, 3)
 # The persistent kernel for Linear + residual, on Hopper-class GPUs, for the shapes where it beat
 # both the kernel above and cuBLAS + an add (a sweep of 9 tile shapes over the 37 (rows, in, out)
