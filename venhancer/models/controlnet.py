@@ -11,7 +11,7 @@ from torch import nn
 from .blocks import EncoderState, build_encoder, build_middle, encode_rest, encode_text_free
 from .config import UNetConfig
 from .inputs import NetworkInputs, prepare_inputs
-from .layers import EmbeddingMLP, add_with_channel_bias, conv_without_bias, timestep_sinusoid
+from .layers import EmbeddingMLP, add_with_channel_bias, channel_bias, conv_without_bias, timestep_sinusoid
 
 
 class BiasPending(NamedTuple):
@@ -25,8 +25,7 @@ class BiasPending(NamedTuple):
 def control_tensor(residual: torch.Tensor | BiasPending) -> torch.Tensor:
     """A ControlNet residual as a tensor (its pending bias added)."""
     if isinstance(residual, BiasPending):
-        bias = residual.bias.to(residual.conv_out.dtype)
-        return residual.conv_out + bias.reshape(-1, *([1] * (residual.conv_out.ndim - 2)))
+        return residual.conv_out + channel_bias(residual.bias, residual.conv_out)
     return residual
 
 

@@ -71,13 +71,18 @@ def shortcut_without_bias(shortcut: nn.Module | None, x: torch.Tensor,
     return shortcut(x), bias
 
 
+def channel_bias(bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel (axis 1) bias in `like`'s dtype, shaped to broadcast against it."""
+    return bias.to(like.dtype).reshape(-1, *([1] * (like.ndim - 2)))
+
+
 def add_with_channel_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor,
                           scale: torch.Tensor | None = None) -> torch.Tensor:
     """a + b + bias (per channel, axis 1), or with `scale` (one element) a + scale * (b + bias):
     one Triton pass where the layouts allow."""
     if kernels.runs_on(a) and kernels.add_supported(a, b):
         return kernels.add_with_bias(a, b, bias, scale)
-    bias = bias.to(a.dtype).reshape(-1, *([1] * (a.ndim - 2)))
+    bias = channel_bias(bias, a)
     return a + b + bias if scale is None else a + scale.to(a.dtype) * (b + bias)
 
 
