@@ -61,6 +61,26 @@ def test_group_norm_half_precision():
     assert got.dtype == torch.float16 and (got.float() - want.float()).abs().max() < 4e-3
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float16, 4e-3)])
+def test_group_norm_rows_normalises_a_pixel_range_as_it_gathers_it(dtype, tol):
+    # The temporal transformer's input: channels-last frames seen as one clip (b, c, f, h, w);
+    # a range of pixels of every frame comes out normalised as contiguous frame-major tokens.
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.randn(12, 64, 5, 8, generator=gen).contiguous(memory_format=torch.channels_last).to(dtype)
+    video = frames.reshape(2, 6, 64, 5, 8).transpose(1, 2)
+    weight, bias = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    table = kernels.group_norm_table(video, weight, bias, 1e-6)
+    want = F.group_norm(video.double(), 32, weight.double(), bias.double(), 1e-6)
+    want_tokens = want.permute(0, 2, 3, 4, 1).reshape(2, 6, 40, 64)
+    tokens = frames.permute(0, 2, 3, 1).view(2, 6, 40, 64)
+    for item, cols in ((0, slice(7, 30)), (1, slice(0, 40)), (1, slice(39, 40))):
+        got = kernels.group_norm_rows(tokens[item, :, cols], table[item])
+        assert got.shape == (6 * (cols.stop - cols.start), 64) and got.is_contiguous() and got.dtype == dtype
+        assert (got.double() - want_tokens[item, :, cols].reshape(-1, 64)).abs().max() < tol
+    with pytest.raises(ValueError, match="densely packed rows"):
+        kernels.group_norm_rows(tokens[0, :, :, :32], table[0])
+
+
 def test_unsupported_layouts_are_declined():
     assert not kernels.group_norm_supported(torch.randn(2, 64, 3, 4), 32)  # channels-first
     assert not kernels.group_norm_supported(torch.randn(2, 64, 3, 4).contiguous(memory_format=torch.channels_last), 16)
@@ -346,8 +366,8 @@ def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
 
 
 def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_case, monkeypatch):
-    calls = count_kernel_calls(monkeypatch, ["group_norm", "geglu", "geglu_matmul", "layer_norm", "add_with_bias", "linear_add",
-                                             "frame_attention", "flash_attention"])
+    calls = count_kernel_calls(monkeypatch, ["group_norm", "group_norm_rows", "geglu", "geglu_matmul", "layer_norm",
+                                             "add_with_bias", "linear_add", "frame_attention", "flash_attention"])
     # the tiny model's level-0 frames have 160 tokens (the text 77, level 1 48): the level-0
     # spatial self-attentions go through the flash kernel (all of them: minutes in the interpreter)
     monkeypatch.setattr(kernels, "FLASH_ATTENTION_MIN_KEYS", 100)
@@ -367,6 +387,8 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
     # every GEGLU (the tiny model's widths take the fused projection, as do its residual Linears:
     # 2 per transformer block, plus each transformer's output projection; the feed-forward's
     # down-projection adds in place on cuBLAS, its bias as an input column).
+    # (the temporal transformers' norms normalise each pixel range as they gather it instead:
+    # several ranges each at temporal_chunk_tokens=23)
     assert calls["group_norm"] == sum(supported) >= len(supported) / 2, (calls, len(supported))
     assert calls["geglu_matmul"] >= sum(isinstance(m, GEGLU) for m in model.modules()) and calls["geglu"] == 0, calls
     blocks = sum(isinstance(m, TransformerBlock) for m in model.modules())
@@ -377,6 +399,7 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
     # both self-attentions of every temporal transformer, on the fused q/k/v projection's views
     temporal = sum(isinstance(m, TemporalTransformer) for m in model.modules())
     assert calls["frame_attention"] >= 2 * temporal > 0, calls
+    assert calls["group_norm_rows"] > temporal, calls
     level0 = sum(isinstance(m, SpatialTransformer) and m.norm.num_channels == 64 for m in model.modules())
     assert calls["flash_attention"] >= level0 > 0, calls
     assert all(m.qkv_weight is not None for m in model.modules() if isinstance(m, Attention) and m.self_attention)

@@ -522,7 +522,13 @@ class TemporalTransformer(nn.Module):
         bf, c, h, w = x.shape
         b, f = bf // num_frames, num_frames
         # ((b f), c, h, w) -> (b, c, f, h, w) view: GroupNorm statistics span all frames of a clip
-        normed = self.norm(x.reshape(b, f, c, h, w).transpose(1, 2))
+        video = x.reshape(b, f, c, h, w).transpose(1, 2)
+        if self.frame_major and x.permute(0, 2, 3, 1).is_contiguous():
+            table = self.norm.fused_table(video)
+            if table is not None:
+                # Each pixel range is normalised as it is gathered: no full-size normalised copy
+                return self._frame_major(x, None, num_frames, table)
+        normed = self.norm(video)
         if self.frame_major and normed.permute(0, 2, 3, 4, 1).is_contiguous() and x.permute(0, 2, 3, 1).is_contiguous():
             return self._frame_major(x, normed, num_frames)
         # (b, c, f, h, w) -> ((b h w), f, c): one sequence of f frames per pixel
@@ -534,27 +540,34 @@ class TemporalTransformer(nn.Module):
         residual = tokens.reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2)
         return (x.reshape(b, f, c, h, w) + residual).reshape(bf, c, h, w)
 
-    def _frame_major(self, x: torch.Tensor, normed: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def _frame_major(self, x: torch.Tensor, normed: torch.Tensor | None, num_frames: int,
+                     table: torch.Tensor | None = None) -> torch.Tensor:
         """forward for channels-last frames, in their memory order: tokens stay frame-major (the
         attention reads each pixel's frames by stride) and run in pixel ranges of at most
         `chunk_tokens` tokens (all frames of each pixel together), which bounds the ~7 full-size
-        transients of the block (q, k, v, ...) at the same result."""
+        transients of the block (q, k, v, ...) at the same result. The normalised input is
+        `normed`, or (normed=None) x normalised per pixel range with the GroupNorm factors
+        `table` (`GroupNorm32.fused_table`)."""
         bf, c, h, w = x.shape
         b, f = bf // num_frames, num_frames
         pixels = h * w
         step = pixels if self.chunk_tokens is None else max(1, min(pixels, self.chunk_tokens // f))
         # memory (b, f, h, w, c) -> (b, f, h*w, c) views of the input, the normed input and the output
         x_tokens = x.permute(0, 2, 3, 1).view(b, f, pixels, c)
-        normed_tokens = normed.permute(0, 2, 3, 4, 1).reshape(b, f, pixels, c)
+        normed_tokens = None if normed is None else normed.permute(0, 2, 3, 4, 1).reshape(b, f, pixels, c)
         out = torch.empty_like(x)
         out_tokens = out.permute(0, 2, 3, 1).view(b, f, pixels, c)
         for item in range(b):
             for start in range(0, pixels, step):
                 cols = slice(start, min(start + step, pixels))
                 count = cols.stop - cols.start
-                # (f, count, c) strided view -> (1, f*count, c) frame-major tokens (the Linear
-                # gathers them into one matrix)
-                tokens = self.proj_in(normed_tokens[item, :, cols].reshape(1, f * count, c))
+                # (f, count, c) strided view -> (1, f*count, c) frame-major tokens (gathered by
+                # the normalisation, or by the Linear)
+                if normed_tokens is None:
+                    gathered = kernels.group_norm_rows(x_tokens[item, :, cols], table[item])
+                else:
+                    gathered = normed_tokens[item, :, cols]
+                tokens = self.proj_in(gathered.reshape(1, f * count, c))
                 tokens = self.transformer_blocks[0](tokens, frames=f)
                 linear_plus(tokens, self.proj_out.weight[:, :, 0], self.proj_out.bias, x_tokens[item, :, cols],
                             self.fused, out=out_tokens[item, :, cols])

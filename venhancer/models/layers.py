@@ -43,9 +43,20 @@ class GroupNorm32(nn.GroupNorm):
         self.apply_silu = False
         self.fused = False
 
+    def _takes_kernels(self, x: torch.Tensor) -> bool:
+        return self.fused and kernels.runs_on(x) and kernels.group_norm_supported(x, self.num_groups)
+
+    def fused_table(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Where the Triton kernels take x (and no SiLU follows): this norm as per-channel factors
+        of each item, `kernels.group_norm_table`, for `kernels.group_norm_rows` to apply to parts
+        of x; else None."""
+        if self.apply_silu or not self._takes_kernels(x):
+            return None
+        return kernels.group_norm_table(x, self.weight, self.bias, self.eps)
+
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """Normalise `x`, or `x + add` for `add` of shape (n, c) broadcast over the positions."""
-        if self.fused and kernels.runs_on(x) and kernels.group_norm_supported(x, self.num_groups):
+        if self._takes_kernels(x):
             return kernels.group_norm(x, self.weight, self.bias, self.eps, self.apply_silu, add=add)
         if add is not None:
             x = x + add.to(x.dtype).reshape(*add.shape, *([1] * (x.ndim - 2)))
