@@ -102,7 +102,7 @@ def test_gelu_rational_erf_matches_float64_everywhere():
     assert got[x < -6].abs().max() < 1e-6 and (got[x > 6] == x[x > 6].double()).all()
 
 
-@pytest.mark.parametrize("dim", [80, 320, 128])
+@pytest.mark.parametrize("dim", [80, 320, 128, 40])
 def test_layer_norm_matches_float64(dim):
     x = torch.randn(2, 37, dim) * 3 + 5
     w, b = torch.randn(dim), torch.randn(dim)
@@ -154,6 +154,12 @@ def test_geglu_matmul_walks_several_tiles_per_program(tma, flatten, monkeypatch)
     want = value * F.gelu(gate)
     got = kernels.geglu_matmul(x, weight, bias)
     assert (got.double() - want).abs().max() / want.abs().max() < 1e-5
+    # The ones column and zeros after it are the kernel's to write: the buffer comes poisoned
+    allocate = kernels._geglu_output
+    monkeypatch.setattr(kernels, "_geglu_output", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    joined = kernels.geglu_matmul(x, weight, bias, bias_column=True)
+    assert joined.shape == (300, 200 + kernels.BIAS_COLUMNS) and torch.equal(joined[:, :200], got)
+    assert torch.equal(joined[:, 200], torch.ones(300)) and torch.equal(joined[:, 201:], torch.zeros(300, 15))
 
 
 @pytest.mark.parametrize("matmul_kernel", [True, False])
