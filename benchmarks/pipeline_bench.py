@@ -179,20 +179,68 @@ def run_pipeline(args) -> int:
     return 0
 
 
+def requirements_only_env(dest: Path) -> tuple[dict[str, str], list[str]]:
+    """An environment in which Python sees only what requirements.txt pulls in: symlinks in
+    `dest` to every distribution it names and, recursively, to what those require, as installed
+    here; to be run with `python -S` (no site-packages) and PYTHONPATH=dest. A machine that also
+    carries other packages can start much slower: diffusers imports peft and transformers (and
+    through them scikit-learn) whenever they are installed. Returns the environment and the
+    names of required distributions that are not installed here."""
+    import importlib.metadata as metadata
+    import re
+
+    from packaging.requirements import Requirement
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    todo = [Requirement(line.split("#")[0].strip()).name for line in lines if line.split("#")[0].strip()]
+    seen: set[str] = set()
+    missing: list[str] = []
+    dest.mkdir(parents=True, exist_ok=True)
+    while todo:
+        name = canonical(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+            continue
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+        base = Path(str(dist.locate_file("")))
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] not in ("..", "__pycache__")}:
+            link = dest / top
+            if (base / top).exists() and not top.endswith(".pth") and not link.is_symlink():
+                link.symlink_to(base / top)
+    return dict(os.environ, PYTHONPATH=str(dest)), sorted(missing)
+
+
 def run_startup(cmd: list[str], out_dir: Path, write_s: float) -> int:
     """Start-up only (~1-2 minutes of GPU time instead of ~5): process start to the first
     denoising step, a first run (fills the bytecode and Triton caches) then warm runs as in a
     shell loop, with the debug timeline, without the GPU warm-up thread, and with Python's
-    `-X importtime` (its report saved to import_times.log)."""
+    `-X importtime` (its report saved to import_times.log); then warm runs in an environment
+    with only the requirements installed (`requirements_only_env`)."""
     first = warm_start_seconds(cmd)
     warm = [warm_start_seconds(cmd, timeline=out_dir / "warm_start_timeline.log")]
     warm += [warm_start_seconds(cmd) for _ in range(WARM_RUNS - 1)]
     no_warmup = warm_start_seconds(cmd, env=dict(os.environ, VENHANCER_CUDA_WARMUP="0"))
     imports = warm_start_seconds(cmd, timeline=out_dir / "import_times.log", python_flags=("-X", "importtime"))
+    env, missing = requirements_only_env(Path(tempfile.mkdtemp(prefix="venhancer-requirements-only-")))
+    only = [warm_start_seconds(cmd, env=env, python_flags=("-S",), timeline=out_dir / "requirements_only_timeline.log")]
+    only += [warm_start_seconds(cmd, env=env, python_flags=("-S",)) for _ in range(WARM_RUNS)]
     result = {"gpu": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
               "model_files_write_s": write_s, "first_run_to_denoise_s": first, "warm_to_denoise_s": warm,
               "warm_median_s": statistics.median(warm), "warm_without_cuda_warmup_s": no_warmup,
-              "warm_with_importtime_s": imports}
+              "warm_with_importtime_s": imports, "requirements_only_first_s": only[0],
+              "requirements_only_warm_s": only[1:], "requirements_only_median_s": statistics.median(only[1:]),
+              "requirements_not_installed": missing}
     (out_dir / "bench_startup.json").write_text(json.dumps(result, indent=1))
     print(f"\nStart-up of the seed clip's command on {result['gpu']} (process start -> denoising starts):")
     print(f"{'first run (fills the caches)':<40}{first:>8.1f} s")
@@ -200,6 +248,9 @@ def run_startup(cmd: list[str], out_dir: Path, write_s: float) -> int:
           f"({', '.join(f'{t:.1f}' for t in warm)})")
     print(f"{'warm, without the GPU warm-up thread':<40}{no_warmup:>8.1f} s")
     print(f"{'warm, under -X importtime':<40}{imports:>8.1f} s (import_times.log)")
+    print(f"{'warm, only the requirements installed':<40}{result['requirements_only_median_s']:>8.1f} s "
+          f"({', '.join(f'{t:.1f}' for t in only[1:])}; first {only[0]:.1f})"
+          + (f"; not installed here: {', '.join(missing)}" if missing else ""))
     return 0
 
 

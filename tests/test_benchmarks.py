@@ -38,6 +38,10 @@ def test_pipeline_benchmark_smoke(tmp_path, mode):
         warm = result["warm_to_denoise_s"]
         assert len(warm) >= 2 and min(warm) <= result["warm_median_s"] <= max(warm)
         assert "import time:" in (tmp_path / "import_times.log").read_text()
+        # Started with `python -S` and only the requirements' distributions: they are complete.
+        only = result["requirements_only_warm_s"]
+        assert len(only) >= 2 and min(only) <= result["requirements_only_median_s"] <= max(only)
+        assert "denoising:" in (tmp_path / "requirements_only_timeline.log").read_text()
     else:
         result = json.loads((tmp_path / "bench_pipeline.json").read_text())
         assert result["steps_run"] == 1 and len(result["solver_steps_s"]) == 1

@@ -270,6 +270,8 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request, monkeypatch):
     assert any(m.conv_shortcut is not None for m in blocks if isinstance(m, ResnetBlock2D)) == (which == "tiny_vae_widening")
     upsamplers = [m for m in fast.decoder.modules() if isinstance(m, Upsample2D)]
     assert upsamplers and all(type(m).__name__ == "_TransposedUpsample2D" for m in upsamplers)
+    processors = [m.processor for m in fast.modules() if hasattr(m, "set_processor")]
+    assert len(processors) == 2 and all(type(p).__name__ == "_WideHeadAttnProcessor" for p in processors)
     import venhancer.vae as vae_module
 
     scaled_adds = []
@@ -302,6 +304,46 @@ def test_optimize_vae_leaves_blocks_it_cannot_fold():
     assert type(holder[0]) is ResnetBlock2D and isinstance(holder[0].nonlinearity, torch.nn.SiLU)
 
 
+
+
+def test_wide_head_attention_processor_matches_diffusers_sdpa():
+    """The mid-blocks' attention (one 320-wide head here, 512 in the real VAE) through
+    `wide_head_attention` computes what diffusers' SDPA processor does; narrow heads and other
+    calls keep the stock path."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from venhancer.vae import optimize_vae
+
+    def mid_block_attention(width):
+        return Attention(width, heads=1, dim_head=width, rescale_output_factor=2.0, eps=1e-6, norm_num_groups=32,
+                         residual_connection=True, bias=True, upcast_softmax=True, _from_deprecated_attn_block=True)
+
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(mid_block_attention(320), mid_block_attention(64)).double().eval()
+    for p in holder.parameters():
+        p.data.normal_(0, 0.2)  # scores of a few units: the softmax is not flat
+    x = torch.randn(2, 320, 5, 7, dtype=torch.float64)
+    narrow = torch.randn(2, 64, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        ref, ref_narrow = holder[0](x), holder[1](narrow)
+        optimize_vae(holder)
+        assert [type(m.processor).__name__ for m in holder] == ["_WideHeadAttnProcessor"] * 2
+        import venhancer.vae as vae_module
+
+        calls = []
+        real = vae_module.wide_head_attention
+        vae_module.wide_head_attention = lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw)
+        try:
+            out, out_narrow = holder[0](x), holder[1](narrow)
+        finally:
+            vae_module.wide_head_attention = real
+        assert calls == [(2, 35, 320)]  # the narrow head went to the stock processor
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(out_narrow, ref_narrow, atol=1e-12, rtol=1e-12)
+        tokens = torch.randn(2, 6, 320, dtype=torch.float64)
+        context = torch.randn(2, 4, 320, dtype=torch.float64)
+        stock = AttnProcessor2_0()(holder[0], tokens, context)
+        torch.testing.assert_close(holder[0](tokens, context), stock, atol=1e-12, rtol=1e-12)
 
 
 def test_transposed_upsampler_matches_diffusers_upsample2d():

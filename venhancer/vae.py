@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLTemporalDecoder
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D, SpatioTemporalResBlock, TemporalResnetBlock
 from diffusers.models.upsampling import Upsample2D
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from venhancer.diffusion.chunking import blend_time
+from venhancer.models.attention import SDPA_FAST_HEAD_DIM, wide_head_attention
 from venhancer.models.config import GROUP_NORM_GROUPS
 from venhancer.models.layers import (DerivedWeight, GroupNorm32, add_with_channel_bias, conv_without_bias,
                                      shortcut_without_bias, upsample_conv_kernel)
@@ -143,6 +145,42 @@ class _TransposedUpsample2D(Upsample2D):
         return F.conv_transpose2d(hidden_states, self._kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
 
 
+class _WideHeadAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA processor, with the attention itself as `wide_head_attention` where the
+    heads are wider than SDPA's fast kernels take (the VAE's mid-blocks: one 512-wide head over
+    every latent pixel of a frame). Anything else (masks, cross-attention, spatial norms, q/k
+    norms, narrow heads) goes to the stock processor."""
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        heads = attn.heads
+        if (encoder_hidden_states is not None or attention_mask is not None or temb is not None or args or kwargs
+                or hidden_states.ndim != 4 or attn.spatial_norm is not None
+                or attn.norm_q is not None or attn.norm_k is not None
+                or attn.inner_dim // heads <= SDPA_FAST_HEAD_DIM):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        batch, channels, height, width = hidden_states.shape
+        # (b, c, h, w) -> (b, h*w, c)
+        tokens = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+        head_dim = key.shape[-1] // heads
+        # (b, n, heads*d) -> (b*heads, n, d): views for one head
+        q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2).reshape(batch * heads, -1, head_dim)
+                   for t in (query, key, value))
+        out = wide_head_attention(q, k, v)
+        # (b*heads, n, d) -> (b, n, heads*d)
+        out = out.view(batch, heads, -1, head_dim).transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        # (b, h*w, c) -> (b, c, h, w)
+        out = out.transpose(1, 2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
 def _transposable_upsample(block: nn.Module) -> bool:
     """An Upsample2D that is exactly nearest x2 followed by a 3x3 / padding 1 convolution."""
     if type(block) is not Upsample2D:
@@ -175,7 +213,9 @@ def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDeco
       where the layout allows, with the SiLU after them in the same pass;
     - in the resnet blocks, conv biases folded into the next norm / residual sum and the
       spatial/temporal mix in the temporal block's residual sum (see the `_Fused*` classes);
-    - the decoder's upsamplers as one transposed convolution each (`_TransposedUpsample2D`).
+    - the decoder's upsamplers as one transposed convolution each (`_TransposedUpsample2D`);
+    - the mid-blocks' 512-wide attention head as two cuBLAS products around a float32 softmax
+      (`_WideHeadAttnProcessor`) instead of SDPA's memory-efficient kernel.
     """
     for module in list(vae.modules()):
         for name, child in module.named_children():
@@ -194,6 +234,8 @@ def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDeco
         elif _transposable_upsample(module):
             module.__class__ = _TransposedUpsample2D
             module._kernel = DerivedWeight(upsample_conv_kernel)  # derived from conv.weight on first use
+        if isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0:
+            module.set_processor(_WideHeadAttnProcessor())
         # The encoder's and decoder's closing norm + activation (used nowhere else).
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if isinstance(norm, GroupNorm32) and isinstance(act, nn.SiLU):

@@ -51,6 +51,21 @@ def test_sdpa_matches_plain_softmax_attention():
     torch.testing.assert_close(attention_module.attention(q, k, v, 3), _plain_attention(q, k, v, 3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("score_rows", [1, 3, 7, 100])
+def test_wide_head_attention_matches_plain_softmax_attention(score_rows):
+    """Query rows in chunks (one row, uneven, exact, all at once), keys longer than queries."""
+    q, k, v = _qkv(batch=2, n=7, m=9, heads=1, d=40)
+    out = attention_module.wide_head_attention(q, k, v, score_bytes=4 * 9 * score_rows)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, _plain_attention(q, k, v, 1), atol=1e-6, rtol=1e-6)
+
+
+def test_wide_head_attention_rejects_mismatched_shapes():
+    q, k, v = _qkv(batch=2, n=7, m=9, heads=1, d=8)
+    with pytest.raises(ValueError, match=r"k \(2, 9, 8\), v \(2, 8, 8\)"):
+        attention_module.wide_head_attention(q, k, v[:, :8])
+
+
 def test_slicing_of_long_batches(monkeypatch):
     q, k, v = _qkv(batch=11)
     full = attention_module.attention(q, k, v, 3)

@@ -171,6 +171,59 @@ def attention_over_frames(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     return out
 
 
+# Head widths above this have no flash or cuDNN SDPA kernel on CUDA, only the memory-efficient one.
+SDPA_FAST_HEAD_DIM = 256
+# Float32 scores held at once by `wide_head_attention` (per chunk of query rows).
+WIDE_HEAD_SCORE_BYTES = 512 * 2**20
+PROBABILITY_SCALE = 2.0**15
+
+
+def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        score_bytes: int = WIDE_HEAD_SCORE_BYTES) -> torch.Tensor:
+    """Softmax attention, scale 1/sqrt(d), on (B, N, d) queries and (B, M, d) keys and values ->
+    (B, N, d), as two cuBLAS products around a float32 softmax, a chunk of query rows at a time
+    (its float32 scores at most `score_bytes`).
+
+    For the temporal VAE's single 512-wide head over a whole frame (38,880 tokens at the seed
+    clip's size), where SDPA has only its memory-efficient kernel (~130 TFLOP/s on an H100) and
+    that attention took half of the encoder's time. The precision is the fused kernels': scores
+    and softmax in float32, the probabilities rounded to v's dtype (scaled into its normal range)
+    for the second product, which accumulates in float32.
+    """
+    batch, n, d = q.shape
+    if k.shape[0] != batch or v.shape[:2] != k.shape[:2] or k.shape[2] != d:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    m = k.shape[1]
+    scale = d ** -0.5
+    rows = max(1, min(n, score_bytes // (4 * m)))
+    # On CUDA the products take float32 outputs from half-precision inputs; elsewhere (and for
+    # float64) they run in the wider of float32 and the input type.
+    mixed = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    work = torch.float32 if mixed else torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty((batch, n, v.shape[2]), dtype=v.dtype, device=v.device)
+    for item in range(batch):
+        keys_t = k[item].t()[None]  # (1, d, M)
+        values = v[item] if mixed else v[item].to(work)
+        probs = torch.empty((rows, m), dtype=v.dtype, device=v.device) if mixed else None
+        for start in range(0, n, rows):
+            queries = q[item, start:start + rows][None]  # (1, r, d)
+            target = out[item, start:start + rows]
+            if not mixed:
+                scores = torch.baddbmm(queries.new_empty((), dtype=work), queries.to(work), keys_t.to(work),
+                                       beta=0, alpha=scale)
+                target.copy_(torch.softmax(scores[0], dim=-1) @ values)
+                continue
+            scores = torch.baddbmm(queries.new_empty((), dtype=work), queries, keys_t, beta=0, alpha=scale,
+                                   out_dtype=work)
+            # Probabilities near 1/M (2.6e-5 at 38,880 keys) lie below half precision's normal
+            # range: they are rounded as PROBABILITY_SCALE times themselves (a power of two, so
+            # exact, and at most 2**15 < 65504), and the float32 product is scaled back.
+            chunk_probs = probs[: queries.shape[1]]
+            torch.mul(torch.softmax(scores[0], dim=-1), PROBABILITY_SCALE, out=chunk_probs)
+            torch.mul(torch.mm(chunk_probs, values, out_dtype=torch.float32), 1 / PROBABILITY_SCALE, out=target)
+    return out
+
+
 def _takes_flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
     """Whether `kernels.flash_attention` runs this attention instead of SDPA: with the SDPA backend
     (an explicit xformers choice is kept), for key sequences of at least
