@@ -306,12 +306,13 @@ def test_optimize_vae_leaves_blocks_it_cannot_fold():
 
 
 
-def test_wide_head_attention_processor_matches_diffusers_sdpa():
+def test_wide_head_attention_processor_matches_diffusers_sdpa(monkeypatch):
     """The mid-blocks' attention (one 320-wide head here, 512 in the real VAE) through
-    `wide_head_attention` computes what diffusers' SDPA processor does; narrow heads and other
-    calls keep the stock path."""
+    `wide_head_attention` computes what diffusers' SDPA processor does; narrow heads, other calls
+    and half precision on a PyTorch without float32-output products keep the stock path."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+    import venhancer.vae as vae_module
     from venhancer.vae import optimize_vae
 
     def mid_block_attention(width):
@@ -324,19 +325,14 @@ def test_wide_head_attention_processor_matches_diffusers_sdpa():
         p.data.normal_(0, 0.2)  # scores of a few units: the softmax is not flat
     x = torch.randn(2, 320, 5, 7, dtype=torch.float64)
     narrow = torch.randn(2, 64, 3, 4, dtype=torch.float64)
+    calls = []
+    real = vae_module.wide_head_attention
+    monkeypatch.setattr(vae_module, "wide_head_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     with torch.no_grad():
         ref, ref_narrow = holder[0](x), holder[1](narrow)
         optimize_vae(holder)
         assert [type(m.processor).__name__ for m in holder] == ["_WideHeadAttnProcessor"] * 2
-        import venhancer.vae as vae_module
-
-        calls = []
-        real = vae_module.wide_head_attention
-        vae_module.wide_head_attention = lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw)
-        try:
-            out, out_narrow = holder[0](x), holder[1](narrow)
-        finally:
-            vae_module.wide_head_attention = real
+        out, out_narrow = holder[0](x), holder[1](narrow)
         assert calls == [(2, 35, 320)]  # the narrow head went to the stock processor
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(out_narrow, ref_narrow, atol=1e-12, rtol=1e-12)
@@ -344,6 +340,13 @@ def test_wide_head_attention_processor_matches_diffusers_sdpa():
         context = torch.randn(2, 4, 320, dtype=torch.float64)
         stock = AttnProcessor2_0()(holder[0], tokens, context)
         torch.testing.assert_close(holder[0](tokens, context), stock, atol=1e-12, rtol=1e-12)
+        assert len(calls) == 1
+        # The PyTorch these tests run on has float32-output products; one without them takes
+        # diffusers' path in half precision.
+        assert vae_module.half_products_in_float32()
+        monkeypatch.setattr(vae_module, "half_products_in_float32", lambda: False)
+        holder[0].half()(x.half())
+        assert len(calls) == 1
 
 
 def test_transposed_upsampler_matches_diffusers_upsample2d():

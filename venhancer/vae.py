@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from venhancer.diffusion.chunking import blend_time
-from venhancer.models.attention import SDPA_FAST_HEAD_DIM, wide_head_attention
+from venhancer.models.attention import SDPA_FAST_HEAD_DIM, half_products_in_float32, wide_head_attention
 from venhancer.models.config import GROUP_NORM_GROUPS
 from venhancer.models.layers import (DerivedWeight, GroupNorm32, add_with_channel_bias, conv_without_bias,
                                      shortcut_without_bias, upsample_conv_kernel)
@@ -149,7 +149,8 @@ class _WideHeadAttnProcessor(AttnProcessor2_0):
     """diffusers' SDPA processor, with the attention itself as `wide_head_attention` where the
     heads are wider than SDPA's fast kernels take (the VAE's mid-blocks: one 512-wide head over
     every latent pixel of a frame). Anything else (masks, cross-attention, spatial norms, q/k
-    norms, narrow heads) goes to the stock processor."""
+    norms, narrow heads, half precision on a PyTorch without `half_products_in_float32`) goes to
+    the stock processor."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
@@ -157,7 +158,8 @@ class _WideHeadAttnProcessor(AttnProcessor2_0):
         if (encoder_hidden_states is not None or attention_mask is not None or temb is not None or args or kwargs
                 or hidden_states.ndim != 4 or attn.spatial_norm is not None
                 or attn.norm_q is not None or attn.norm_k is not None
-                or attn.inner_dim // heads <= SDPA_FAST_HEAD_DIM):
+                or attn.inner_dim // heads <= SDPA_FAST_HEAD_DIM
+                or (hidden_states.dtype in (torch.float16, torch.bfloat16) and not half_products_in_float32())):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         batch, channels, height, width = hidden_states.shape

@@ -8,6 +8,7 @@ installed and asked for (`set_attention_backend`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -178,6 +179,13 @@ WIDE_HEAD_SCORE_BYTES = 512 * 2**20
 PROBABILITY_SCALE = 2.0**15
 
 
+@functools.cache
+def half_products_in_float32() -> bool:
+    """Whether this PyTorch's matrix products take half-precision inputs to float32 outputs
+    (`out_dtype`, newer releases), which `wide_head_attention` needs to be fast on CUDA."""
+    return all("dtype" in op.overloads() for op in (torch.ops.aten.baddbmm, torch.ops.aten.mm))
+
+
 def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         score_bytes: int = WIDE_HEAD_SCORE_BYTES) -> torch.Tensor:
     """Softmax attention, scale 1/sqrt(d), on (B, N, d) queries and (B, M, d) keys and values ->
@@ -197,8 +205,9 @@ def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = d ** -0.5
     rows = max(1, min(n, score_bytes // (4 * m)))
     # On CUDA the products take float32 outputs from half-precision inputs; elsewhere (and for
-    # float64) they run in the wider of float32 and the input type.
-    mixed = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    # float64, or without `half_products_in_float32`) they run in the wider of float32 and the
+    # input type.
+    mixed = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and half_products_in_float32()
     work = torch.float32 if mixed else torch.promote_types(q.dtype, torch.float32)
     out = torch.empty((batch, n, v.shape[2]), dtype=v.dtype, device=v.device)
     for item in range(batch):
