@@ -342,8 +342,9 @@ class Enhancer:
         return unet
 
     def _load_text_encoder(self, text_path: Path) -> None:
-        # Imported here, not with this module: with background_load this runs on the worker, and
-        # open_clip's import (~0.3 s) leaves the start-up's critical path with it.
+        # Imported here, not with this module: with background_load this runs on the worker.
+        # open_clip's import (1-2 s of Python) then slows the encode beside it about as much,
+        # through the GIL; on the calling thread it cost the same (README, Start-up).
         from venhancer.text_encoder import load_text_encoder
 
         start = time.perf_counter()
