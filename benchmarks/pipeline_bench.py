@@ -187,12 +187,9 @@ def requirements_only_env(dest: Path) -> tuple[dict[str, str], list[str]]:
     through them scikit-learn) whenever they are installed. Returns the environment and the
     names of required distributions that are not installed here."""
     import importlib.metadata as metadata
-    import re
 
     from packaging.requirements import Requirement
-
-    def canonical(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
+    from packaging.utils import canonicalize_name
 
     lines = (ROOT / "requirements.txt").read_text().splitlines()
     todo = [Requirement(line.split("#")[0].strip()).name for line in lines if line.split("#")[0].strip()]
@@ -200,7 +197,7 @@ def requirements_only_env(dest: Path) -> tuple[dict[str, str], list[str]]:
     missing: list[str] = []
     dest.mkdir(parents=True, exist_ok=True)
     while todo:
-        name = canonical(todo.pop())
+        name = canonicalize_name(todo.pop())
         if name in seen:
             continue
         seen.add(name)

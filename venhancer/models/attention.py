@@ -212,13 +212,15 @@ def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((batch, n, v.shape[2]), dtype=v.dtype, device=v.device)
     for item in range(batch):
         keys_t = k[item].t()[None]  # (1, d, M)
-        values = v[item] if mixed else v[item].to(work)
+        values = v[item]
+        if not mixed:
+            keys_t, values = keys_t.to(work), values.to(work)
         probs = torch.empty((rows, m), dtype=v.dtype, device=v.device) if mixed else None
         for start in range(0, n, rows):
             queries = q[item, start:start + rows][None]  # (1, r, d)
             target = out[item, start:start + rows]
             if not mixed:
-                scores = torch.baddbmm(queries.new_empty((), dtype=work), queries.to(work), keys_t.to(work),
+                scores = torch.baddbmm(queries.new_empty((), dtype=work), queries.to(work), keys_t,
                                        beta=0, alpha=scale)
                 target.copy_(torch.softmax(scores[0], dim=-1) @ values)
                 continue
