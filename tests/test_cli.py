@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,35 @@ def test_folder_run_skips_bad_videos_resumes_and_overwrites(tiny_config, clips, 
     assert "1 enhanced, 0 skipped (output exists), 0 failed" in log
     assert (save / "b_good.mp4").stat().st_mtime_ns != first
     assert sorted(p.name for p in save.iterdir()) == ["b_good.json", "b_good.mp4"]
+
+
+def test_first_video_is_decoded_once(tiny_config, tmp_path, capsys, monkeypatch):
+    """The input check decodes the first video fully and its run uses those frames; the other
+    videos are probed by the check and read by their runs. Two copies of one clip give the same
+    output either way."""
+    import venhancer.video_io as video_io
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_clip(folder / "a.mp4")
+    (folder / "b.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    decodes = []
+    decode = video_io._decode
+
+    def counted(path, keep_frames):
+        decodes.append((Path(path).name, keep_frames))
+        return decode(path, keep_frames)
+
+    monkeypatch.setattr(video_io, "_decode", counted)
+    save = tmp_path / "results"
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", folder, "--save_dir", save, *FAST)
+    assert code == 0, log
+    assert decodes == [("a.mp4", True), ("b.mp4", False), ("b.mp4", True)]
+    monkeypatch.setattr(video_io, "_decode", decode)
+    first, second = (video_io.read_video(save / name).frames for name in ("a.mp4", "b.mp4"))
+    assert np.array_equal(first, second)
+    timings = [json.loads((save / name).read_text())["timings_s"]["read"] for name in ("a.json", "b.json")]
+    assert timings[0] < timings[1]
 
 
 def test_interrupt_leaves_no_partial_file(tiny_config, tmp_path, capsys, monkeypatch):

@@ -241,7 +241,7 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
         resolve_device,
         resolve_dtype,
     )
-    from venhancer.video_io import VideoError, probe_video
+    from venhancer.video_io import Video, VideoError, probe_video, read_video
 
     # Under torchrun every step up to the run itself is agreed between the processes, so that none
     # goes on while another has stopped (each returns the same exit code).
@@ -282,6 +282,7 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
     failed: list[tuple[str, str]] = []
     skipped: list[str] = []
     ready: list[Job] = []
+    first_video: Optional[tuple[Path, Video]] = None  # (path, its frames), decoded by the check below
     if dist.is_main:  # rank 0 checks the inputs and tells the others what to do
         jobs: list[Job] = []
         outputs: dict[Path, Path] = {}
@@ -298,10 +299,15 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
             else:
                 jobs.append(Job(video, prompt, out))
 
-        # Check every video before any weights are loaded, so a bad file costs nothing.
+        # Check every video before any weights are loaded, so a bad file costs nothing. The first
+        # one to run is decoded fully and its frames kept, so that its run does not decode it again.
         for job in jobs:
             try:
-                info = probe_video(job.video)
+                if first_video is None and not args.dry_run:
+                    video = read_video(job.video)
+                    info = video.info
+                else:
+                    video, info = None, probe_video(job.video)
                 plan = plan_video(info, options, config.planning)
             except ValueError as exc:  # VideoError, or a video the planning rules reject
                 failed.append((job.video.name, _failure(exc)))
@@ -309,6 +315,8 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
                 continue
             if args.dry_run:
                 logger.info("%s: %s; prompt %r; output %s", job.video.name, plan.describe(), job.prompt, job.output)
+            if video is not None:
+                first_video = (job.video, video)
             ready.append(job)
     failed, skipped, ready = dist.broadcast_object((failed, skipped, ready))
 
@@ -356,9 +364,13 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
             enhancer.sharding = WindowSharding(dist, device, local=enhancer.local_evaluator)
         # Sharing windows, rank 0 reports for all (the others fail with it, or for it).
         report = dist.is_main or share_videos
+        # The frames decoded by the check go to this process's first run only (sharing out whole
+        # videos, that video may be another process's).
+        video = first_video[1] if first_video is not None and mine and mine[0][1].video == first_video[0] else None
+        first_video = None
         for index, job in mine:
             try:
-                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite)
+                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite, video=video)
                 run_done.append((index, job.video.name))
             except ModelLoadError as exc:  # loaded in the background (one process only)
                 logger.error("could not load the models: %s", _failure(exc.__cause__ or exc))
@@ -377,6 +389,8 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
                 if report:
                     logger.error("%s: unexpected error: %s: %s", job.video.name, type(exc).__name__,
                                  _failure(exc), exc_info=True)
+            finally:
+                video = None  # the next videos are read by their runs
     # Every process's results (sharing windows, rank 0's stand for all), in the order of the videos.
     results = dist.all_gather_object((run_done, run_failed))
     if not share_videos:

@@ -50,7 +50,7 @@ from venhancer.planning import (
     target_resolution,
 )
 from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
-from venhancer.video_io import VideoInfo, VideoWriter, read_video
+from venhancer.video_io import Video, VideoInfo, VideoWriter, read_video
 
 logger = logging.getLogger(__name__)
 
@@ -424,8 +424,11 @@ class Enhancer:
         return self.run(path, prompt, options, save_dir, overwrite)
 
     def run(self, path: str | os.PathLike, prompt: str, options: EnhanceOptions,
-            save_dir: str | os.PathLike = "results", overwrite: bool = False) -> EnhanceResult:
-        """`enhance` with validated options."""
+            save_dir: str | os.PathLike = "results", overwrite: bool = False,
+            video: Optional[Video] = None) -> EnhanceResult:
+        """`enhance` with validated options. `video`: `path` already decoded by `read_video` (the
+        CLI decodes the first video fully when it checks the inputs, so that it is not decoded
+        twice on the way to the first denoising step); the `read` timing is then ~0."""
         path = Path(path)
         # Window sharding: every process runs this in lockstep; a failure on one, up to denoising,
         # stops all (`_together`); only the writer creates, checks and writes outputs.
@@ -454,7 +457,8 @@ class Enhancer:
             with torch.inference_mode():
                 with self._together():
                     with self._phase("read", timings):
-                        video = read_video(path)
+                        if video is None:
+                            video = read_video(path)
                     plan = plan_video(video.info, options, self.planning)
                     logger.info("%s: %s", path.name, plan.describe())
                     generator = torch.Generator(device=self.device).manual_seed(options.seed)
