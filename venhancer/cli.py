@@ -282,7 +282,7 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
     failed: list[tuple[str, str]] = []
     skipped: list[str] = []
     ready: list[Job] = []
-    first_video: Optional[tuple[Path, Video]] = None  # (path, its frames), decoded by the check below
+    first_frames: Optional[Video] = None  # ready[0] decoded by the check below, for its run
     if dist.is_main:  # rank 0 checks the inputs and tells the others what to do
         jobs: list[Job] = []
         outputs: dict[Path, Path] = {}
@@ -303,11 +303,11 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
         # one to run is decoded fully and its frames kept, so that its run does not decode it again.
         for job in jobs:
             try:
-                if first_video is None and not args.dry_run:
-                    video = read_video(job.video)
-                    info = video.info
+                if first_frames is None and not args.dry_run:
+                    decoded = read_video(job.video)
+                    info = decoded.info
                 else:
-                    video, info = None, probe_video(job.video)
+                    decoded, info = None, probe_video(job.video)
                 plan = plan_video(info, options, config.planning)
             except ValueError as exc:  # VideoError, or a video the planning rules reject
                 failed.append((job.video.name, _failure(exc)))
@@ -315,8 +315,8 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
                 continue
             if args.dry_run:
                 logger.info("%s: %s; prompt %r; output %s", job.video.name, plan.describe(), job.prompt, job.output)
-            if video is not None:
-                first_video = (job.video, video)
+            if decoded is not None:
+                first_frames = decoded
             ready.append(job)
     failed, skipped, ready = dist.broadcast_object((failed, skipped, ready))
 
@@ -364,13 +364,13 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
             enhancer.sharding = WindowSharding(dist, device, local=enhancer.local_evaluator)
         # Sharing windows, rank 0 reports for all (the others fail with it, or for it).
         report = dist.is_main or share_videos
-        # The frames decoded by the check go to this process's first run only (sharing out whole
-        # videos, that video may be another process's).
-        video = first_video[1] if first_video is not None and mine and mine[0][1].video == first_video[0] else None
-        first_video = None
+        # The frames decoded by the check go to the run of ready[0] only (sharing out whole videos,
+        # that video may be another process's).
+        decoded = first_frames if mine and mine[0][0] == 0 else None
+        first_frames = None
         for index, job in mine:
             try:
-                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite, video=video)
+                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite, video=decoded)
                 run_done.append((index, job.video.name))
             except ModelLoadError as exc:  # loaded in the background (one process only)
                 logger.error("could not load the models: %s", _failure(exc.__cause__ or exc))
@@ -390,7 +390,7 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
                     logger.error("%s: unexpected error: %s: %s", job.video.name, type(exc).__name__,
                                  _failure(exc), exc_info=True)
             finally:
-                video = None  # the next videos are read by their runs
+                decoded = None  # the next videos are read by their runs
     # Every process's results (sharing windows, rank 0's stand for all), in the order of the videos.
     results = dist.all_gather_object((run_done, run_failed))
     if not share_videos:
