@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 if TYPE_CHECKING:
     from venhancer.distributed import DistContext
+    from venhancer.outputs import OutputOptions
 
 logger = logging.getLogger("venhancer")
 
@@ -110,7 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry_run", action="store_true",
                    help="print per video the planned sizes, frame rates, windows and network evaluations; loads no weights")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    # Outputs for editing (venhancer.outputs); checked by OutputOptions before any weights load.
+    p.add_argument("--codec", default="h264", choices=["h264", "h265", "prores"],
+                   help="h264/h265 in .mp4, prores = ProRes 422 HQ (10-bit 4:2:2) in .mov")
+    p.add_argument("--crf", type=int, default=None, help="quality of h264/h265, 0-51, lower is better; "
+                   "default h264 17 (the reference's), h265 20")
+    p.add_argument("--bit_depth", type=int, default=8, choices=[8, 10],
+                   help="10: frames quantised to 16 bits and encoded 10-bit (h264 High 10, h265 Main 10, ProRes)")
+    p.add_argument("--frames_dir", action="store_true",
+                   help="also write the frames as numbered 16-bit PNGs into <save_dir>/<name>_frames/")
+    p.add_argument("--no_video", action="store_true", help="with --frames_dir: write the frames only")
+    p.add_argument("--color_fix", default="none", choices=["none", "adain", "wavelet"],
+                   help="match each output frame's colours to its input frame: adain = per-channel mean "
+                        "and std, wavelet = the input's low frequencies under the output's detail")
     return p
+
+
+def output_options(args: argparse.Namespace) -> "OutputOptions":
+    """The output flags as OutputOptions; ValueError (one line) for a bad combination."""
+    from venhancer.outputs import OutputOptions
+
+    output = OutputOptions(codec=args.codec, crf=args.crf, bit_depth=args.bit_depth, frames_dir=args.frames_dir,
+                           video=not args.no_video, color_fix=args.color_fix)
+    output.check_encoder()
+    return output
 
 
 @dataclass
@@ -257,6 +281,7 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
         options = EnhanceOptions(up_scale=args.up_scale, target_fps=args.target_fps, noise_aug=args.noise_aug,
                                  solver_mode=args.solver_mode, steps=args.steps, cfg=args.cfg,
                                  s_cond=args.s_cond, seed=args.seed)
+        output = output_options(args)
         config = load_config(args.config)
         videos = collect_videos(Path(args.input_path))
         prompts = resolve_prompts(videos, args.prompt, args.prompt_path, args.filename_as_prompt)
@@ -287,14 +312,14 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
         jobs: list[Job] = []
         outputs: dict[Path, Path] = {}
         for video, prompt in zip(videos, prompts):
-            out = output_path_for(video, save_dir)
+            out = output_path_for(video, save_dir, output)
             if out in outputs:
                 failed.append((video.name, f"output {out.name} is already produced by {outputs[out].name}"))
                 continue
             outputs[out] = video
             if out.exists() and out.resolve() == video.resolve():
                 failed.append((video.name, "the output would overwrite the input; choose another --save_dir"))
-            elif out.exists() and not args.overwrite:
+            elif all(t.exists() for t in output.targets(video, save_dir)) and not args.overwrite:
                 skipped.append(video.name)
             else:
                 jobs.append(Job(video, prompt, out))
@@ -314,7 +339,8 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
                 logger.error("%s", _failure(exc))
                 continue
             if args.dry_run:
-                logger.info("%s: %s; prompt %r; output %s", job.video.name, plan.describe(), job.prompt, job.output)
+                logger.info("%s: %s; prompt %r; output %s (%s)", job.video.name, plan.describe(), job.prompt,
+                            job.output, output.describe(plan.width, plan.height))
             if decoded is not None:
                 first_frames = decoded
             ready.append(job)
@@ -370,7 +396,8 @@ def _main(args: argparse.Namespace, dist: "DistContext") -> int:
         first_frames = None
         for index, job in mine:
             try:
-                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite, video=decoded)
+                enhancer.run(job.video, job.prompt, options, save_dir, overwrite=args.overwrite, video=decoded,
+                             output=output)
                 run_done.append((index, job.video.name))
             except ModelLoadError as exc:  # loaded in the background (one process only)
                 logger.error("could not load the models: %s", _failure(exc.__cause__ or exc))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from venhancer import __version__
+from venhancer.color_fix import ColorMatcher
 from venhancer.config import EnhancerConfig, PlanningConfig, load_config
 from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
 from venhancer.diffusion.chunking import evaluate_sequential, evaluate_shared_prefix
@@ -40,6 +41,7 @@ from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, re
 from venhancer.models import VEnhancerUNet
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
+from venhancer.outputs import OutputOptions, OutputSink
 from venhancer.planning import (
     chunk_windows,
     interp_frames,
@@ -50,7 +52,7 @@ from venhancer.planning import (
     target_resolution,
 )
 from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
-from venhancer.video_io import Video, VideoInfo, VideoWriter, read_video
+from venhancer.video_io import Video, VideoInfo, read_video
 
 logger = logging.getLogger(__name__)
 
@@ -232,9 +234,10 @@ def resolve_dtype(name: Optional[str | torch.dtype], device: torch.device) -> to
     return DTYPES[name]
 
 
-def output_path_for(video: Path, save_dir: Path) -> Path:
-    """Output name of the reference: the input stem + .mp4 inside the save directory."""
-    return Path(save_dir) / f"{Path(video).stem}.mp4"
+def output_path_for(video: Path, save_dir: Path, output: Optional[OutputOptions] = None) -> Path:
+    """Main output: the input stem + the codec's extension (the reference's .mp4 by default) inside
+    the save directory; the frame folder when no video is written."""
+    return (output or OutputOptions()).targets(video, save_dir)[0]
 
 
 def prepare_save_dir(save_dir: Path) -> Path:
@@ -413,19 +416,20 @@ class Enhancer:
     def enhance(self, path: str | os.PathLike, prompt: str = "a good video", up_scale: float = 4,
                 target_fps: float = 24, noise_aug: int = 200, solver_mode: str = "fast", steps: int = 15,
                 cfg: float = 7.5, s_cond: float = 8, seed: int = 666, save_dir: str | os.PathLike = "results",
-                overwrite: bool = False) -> EnhanceResult:
+                overwrite: bool = False, output: Optional[OutputOptions] = None) -> EnhanceResult:
         """Enhance one video into `save_dir/<stem>.mp4` (plus `<stem>.json` with the settings).
 
         An existing output is kept (result.skipped) unless overwrite. Raises VideoError for unusable
         input, ValueError for bad settings, EnhanceError when the GPU runs out of memory.
+        `output`: codec, bit depth, frame folder, colour correction (default: the reference's mp4).
         """
         options = EnhanceOptions(up_scale=up_scale, target_fps=target_fps, noise_aug=noise_aug,
                                  solver_mode=solver_mode, steps=steps, cfg=cfg, s_cond=s_cond, seed=seed)
-        return self.run(path, prompt, options, save_dir, overwrite)
+        return self.run(path, prompt, options, save_dir, overwrite, output=output)
 
     def run(self, path: str | os.PathLike, prompt: str, options: EnhanceOptions,
             save_dir: str | os.PathLike = "results", overwrite: bool = False,
-            video: Optional[Video] = None) -> EnhanceResult:
+            video: Optional[Video] = None, output: Optional[OutputOptions] = None) -> EnhanceResult:
         """`enhance` with validated options. `video`: `path` already decoded by `read_video` (the
         CLI decodes the first video fully when it checks the inputs, so that it is not decoded
         twice on the way to the first denoising step); the `read` timing is then ~0."""
@@ -433,14 +437,18 @@ class Enhancer:
         # Window sharding: every process runs this in lockstep; a failure on one, up to denoising,
         # stops all (`_together`); only the writer creates, checks and writes outputs.
         writes = self.sharding is None or self.sharding.is_writer
-        out_path = output_path_for(path, Path(save_dir))
-        sidecar = out_path.with_suffix(".json")
+        output = output or OutputOptions()
+        targets = output.targets(path, Path(save_dir))
+        out_path = targets[0]
+        sidecar = Path(save_dir) / f"{path.stem}.json"
         with self._together() as skip:
             if writes:
+                output.check_encoder()
                 prepare_save_dir(Path(save_dir))
                 if path.exists() and out_path.exists() and out_path.resolve() == path.resolve():
                     raise ValueError(f"{path}: the output would overwrite the input; choose another save directory")
-                skip.value = out_path.exists() and not overwrite
+                # Resuming keeps every output that exists; the run writes only the missing ones.
+                skip.value = all(t.exists() for t in targets) and not overwrite
         if skip.value:
             logger.info("%s: %s exists, skipping (use --overwrite to redo)", path.name, out_path)
             return EnhanceResult(path, out_path, sidecar if sidecar.exists() else None, True, prompt)
@@ -488,7 +496,9 @@ class Enhancer:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
                 with self._phase("decode_write", timings):
-                    timings["write_wait"] = self._decode_and_write(x0, plan, out_path)
+                    source = video.frames if output.color_fix != "none" else None
+                    timings["write_wait"] = self._decode_and_write(x0, plan, out_path, output, source,
+                                                                   overwrite=overwrite)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -501,7 +511,7 @@ class Enhancer:
         timings["total"] = time.perf_counter() - start
         if self.device.type == "cuda":
             timings["peak_gpu_memory_reserved_GB"] = torch.cuda.max_memory_reserved(self.device) / 1e9
-        _write_json_atomic(sidecar, self._sidecar(path, out_path, prompt, options, plan, timings))
+        _write_json_atomic(sidecar, self._sidecar(path, out_path, prompt, options, plan, timings, output))
         logger.info("%s: wrote %s in %.1f s", path.name, out_path, timings["total"])
         return EnhanceResult(path, out_path, sidecar, False, prompt, plan, timings)
 
@@ -627,8 +637,12 @@ class Enhancer:
             shard.finish()
         return x0
 
-    def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path) -> float:
+    def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path,
+                          output: Optional[OutputOptions] = None, source: Optional[np.ndarray] = None,
+                          overwrite: bool = True) -> float:
         """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264.
+        `output` may ask for other codecs and bit depths, a frame folder, and a colour correction
+        towards `source`, the input frames (venhancer.outputs, venhancer.color_fix).
 
         Frames are cropped and quantised on the device (a quarter of the bytes to copy back) and
         handed to ffmpeg by a writer thread, so the GPU decodes the next window meanwhile.
@@ -645,19 +659,35 @@ class Enhancer:
         left, _, top, _ = plan.padding
         planning = self.planning
         audio = plan.input.path if plan.input.has_audio else None
-        with VideoWriter(out_path, plan.out_fps, plan.width, plan.height, audio_source=audio) as writer, \
+        output = output or OutputOptions()
+        video_path = output.video_path(plan.input.path, out_path.parent)
+        frames_path = output.frames_path(plan.input.path, out_path.parent)
+        if not overwrite:  # resuming: an output that exists is kept
+            video_path, frames_path = [p if p is not None and not p.exists() else None
+                                       for p in (video_path, frames_path)]
+        matcher = None
+        if output.color_fix != "none":
+            if source is None:
+                source = read_video(plan.input.path).frames
+            matcher = ColorMatcher(output.color_fix, source, plan.k, (plan.height, plan.width), self.device)
+        with OutputSink(output, video_path, frames_path, plan.out_fps, plan.width, plan.height,
+                        audio_source=audio) as writer, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="venhancer-writer") as pool, \
                 self._bar(plan.out_frames, "decode") as bar:
             pending: Future | None = None
+            done = 0
             for chunk in decode_tiled(self.vae, x0, tile=planning.vae_tile, tile_overlap=planning.vae_tile_overlap,
                                       frame_window=planning.vae_frame_window,
                                       frame_overlap=planning.vae_frame_overlap, to_cpu=False):
                 chunk = chunk[:, :, top:top + plan.height, left:left + plan.width]
-                pixels = ((chunk.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)  # truncates
-                pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (f, H, W, 3)
+                frames = chunk.float() * 0.5 + 0.5
+                if matcher is not None:
+                    frames = matcher(frames, done)
+                pixels = writer.quantise(frames)  # on the device; uint8 truncates (SPEC 1.12)
                 if pending is not None:
                     wait_for(pending)  # one chunk in flight: bounded memory
                 pending = pool.submit(writer.append, pixels)
+                done += chunk.shape[0]
                 bar.update(chunk.shape[0])
             if pending is not None:
                 wait_for(pending)
@@ -667,14 +697,15 @@ class Enhancer:
         return waited + time.perf_counter() - closing  # leaving the block closes the writer
 
     def _sidecar(self, path: Path, out_path: Path, prompt: str, options: EnhanceOptions, plan: VideoPlan,
-                 timings: dict[str, float]) -> dict[str, Any]:
+                 timings: dict[str, float], output: Optional[OutputOptions] = None) -> dict[str, Any]:
         info = plan.input
         return {
             "tool": f"venhancer {__version__}",
             "input": {"path": str(path), "width": info.width, "height": info.height, "fps": info.fps,
                       "frames": info.num_frames, "audio": info.audio_codec},
             "output": {"path": str(out_path), "width": plan.width, "height": plan.height, "fps": plan.out_fps,
-                       "frames": plan.out_frames, "codec": "h264", "crf": 17, "pix_fmt": "yuv420p"},
+                       "frames": plan.out_frames,
+                       **(output or OutputOptions()).record(plan.width, plan.height, path, out_path.parent)},
             "prompt": prompt,
             "settings": asdict(options),
             "seed": options.seed,

@@ -16,10 +16,13 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, TYPE_CHECKING, Optional
 
 import imageio_ffmpeg
 import numpy as np
+
+if TYPE_CHECKING:
+    from venhancer.outputs import Encoding
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +160,14 @@ class VideoWriter:
     Frames go to ffmpeg as they are produced (`append`). `close()` finishes the encode, copies the
     audio track of `audio_source` when it has one, and only then renames the temporary file onto
     `path`. `abort()` (also called when the `with` block raises) removes every temporary file.
+
+    `encoding` (venhancer.outputs) replaces the H.264 settings: another codec, container, bit depth
+    (uint16 frames for rgb48 input) and explicit colour conversion; None is the reference's encode.
     """
 
     def __init__(self, path: Path | str, fps: float, width: int, height: int,
-                 audio_source: Path | str | None = None, crf: int = OUTPUT_CRF):
+                 audio_source: Path | str | None = None, crf: int = OUTPUT_CRF,
+                 encoding: Optional["Encoding"] = None):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"yuv420p output needs a positive even width and height, got {width}x{height}")
         if fps <= 0:
@@ -169,20 +176,26 @@ class VideoWriter:
         self.width, self.height, self.fps = width, height, fps
         self.audio_source = Path(audio_source) if audio_source is not None else None
         self.num_frames = 0
+        self.encoding = encoding
+        self._suffix, self._container = (encoding.suffix, encoding.container) if encoding else (".mp4", "mp4")
+        self._dtype = encoding.dtype if encoding else np.dtype(np.uint8)
         self._tmp_files: list[Path] = []
         self._video_tmp = self._new_tmp()
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
         rate = Fraction(fps).limit_denominator(1_000_000)
+        in_fmt = encoding.input_pix_fmt if encoding else "rgb24"
+        codec_args = list(encoding.args) if encoding else ["-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p"]
         cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(rate), "-i", "-",
-               "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
-               "-movflags", "+faststart", "-f", "mp4", str(self._video_tmp)]
+               "-f", "rawvideo", "-pix_fmt", in_fmt, "-s", f"{width}x{height}", "-r", str(rate), "-i", "-",
+               "-an", *codec_args,
+               "-movflags", "+faststart", "-f", self._container, str(self._video_tmp)]
         self._proc: Optional[subprocess.Popen] = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
 
     def _new_tmp(self) -> Path:
         # mkstemp both reserves a unique name and proves the folder is writable before any work.
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.mp4", dir=self.path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self._suffix}",
+                                    dir=self.path.parent)
         os.close(fd)
         tmp = Path(name)
         self._tmp_files.append(tmp)
@@ -198,17 +211,18 @@ class VideoWriter:
             self.abort()
 
     def append(self, frames: np.ndarray) -> None:
-        """Write frames (f, H, W, 3) or one frame (H, W, 3), RGB uint8."""
+        """Write frames (f, H, W, 3) or one frame (H, W, 3), RGB uint8 (uint16 for a 16-bit encoding)."""
         if self._proc is None:
             raise RuntimeError(f"{self.path}: writer is already closed")
         frames = np.asarray(frames)
         if frames.ndim == 3:
             frames = frames[None]
-        if frames.dtype != np.uint8 or frames.shape[1:] != (self.height, self.width, 3):
-            raise ValueError(f"frames must be uint8 (f, {self.height}, {self.width}, 3), "
+        if frames.dtype != self._dtype or frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"frames must be {self._dtype} (f, {self.height}, {self.width}, 3), "
                              f"got {frames.dtype} {tuple(frames.shape)}")
         try:
-            self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
+            # rgb48le: ffmpeg reads little-endian whatever the host's order
+            self._proc.stdin.write(np.ascontiguousarray(frames, dtype=self._dtype.newbyteorder("<")).tobytes())
         except (BrokenPipeError, OSError) as exc:
             raise OSError(f"{self.path}: ffmpeg stopped while encoding: {self._ffmpeg_error()}") from exc
         self.num_frames += frames.shape[0]
@@ -229,13 +243,14 @@ class VideoWriter:
             pass
         if proc.wait() != 0:
             self._stderr.seek(0)
-            raise OSError(f"{self.path}: H.264 encode failed: {_last_line(self._stderr.read())}")
+            codec = self.encoding.codec if self.encoding else "H.264"
+            raise OSError(f"{self.path}: {codec} encode failed: {_last_line(self._stderr.read())}")
 
     def _mux_audio(self) -> Path:
         assert self.audio_source is not None
         muxed = self._new_tmp()
         base = ["-i", str(self._video_tmp), "-i", str(self.audio_source),
-                "-map", "0:v:0", "-map", "1:a?", "-shortest", "-movflags", "+faststart", "-f", "mp4"]
+                "-map", "0:v:0", "-map", "1:a?", "-shortest", "-movflags", "+faststart", "-f", self._container]
         # Stream copy keeps the audio bit-exact; codecs mp4 cannot hold (e.g. Vorbis) are re-encoded.
         for codecs in (["-c", "copy"], ["-c:v", "copy", "-c:a", "aac", "-b:a", "192k"]):
             result = _run_ffmpeg([*base, *codecs, str(muxed)])
