@@ -168,9 +168,9 @@ def _header_rates(description: str) -> list[Fraction]:
     rates = []
     for number, kilo in re.findall(r"([\d.]+)(k?) (?:fps|tbr)\b", description):
         value = float(number) * (1000 if kilo else 1)
-        if value > 0:
-            rates += [Fraction(round(value)), Fraction(round(value * 1.001) * 1000, 1001)]
-    return [r for r in rates if r > 0]
+        candidates = [Fraction(round(value)), Fraction(round(value * 1.001) * 1000, 1001)]
+        rates += sorted((r for r in candidates if r > 0), key=lambda r: abs(r - Fraction(value)))
+    return rates
 
 
 def _average_rate(stream: _Stream, description: str) -> Optional[Fraction]:
@@ -264,6 +264,17 @@ def probe_video(path: Path | str) -> VideoInfo:
     return _probe(Path(path))
 
 
+def _read_into(stream: IO[bytes], buffer: bytearray) -> int:
+    """Fill `buffer` from `stream` up to its end; returns the bytes read."""
+    view, got = memoryview(buffer), 0
+    while got < len(buffer):
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def iter_frames(source: Path | str | VideoInfo, batch: int = 8) -> Iterator[np.ndarray]:
     """Decode the video stream batch by batch: arrays (<= batch, h, w, 3) uint8 RGB, each stored
     frame once, in order. Memory is bounded by the batch. Raises VideoError when the data yields
@@ -281,13 +292,14 @@ def iter_frames(source: Path | str | VideoInfo, batch: int = 8) -> Iterator[np.n
     count = 0
     try:
         while True:
-            data = proc.stdout.read(frame_bytes * batch)
-            if len(data) % frame_bytes:
-                raise VideoError(f"{info.path}: decoded frame {count + len(data) // frame_bytes} is not "
+            data = bytearray(frame_bytes * batch)  # a new buffer per batch: the caller may keep it
+            got = _read_into(proc.stdout, data)
+            if got % frame_bytes:
+                raise VideoError(f"{info.path}: decoded frame {count + got // frame_bytes} is not "
                                  f"{info.width}x{info.height}")
-            if not data:
+            if not got:
                 break
-            frames = np.frombuffer(data, dtype=np.uint8).reshape(-1, info.height, info.width, 3)
+            frames = np.frombuffer(data, dtype=np.uint8)[:got].reshape(-1, info.height, info.width, 3)
             count += frames.shape[0]
             if count > info.num_frames:
                 raise VideoError(f"{info.path}: decodes to more frames than its {info.num_frames} packets")
@@ -377,11 +389,12 @@ class VideoWriter:
         self._video_tmp = self._new_tmp()
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
         matrix, tag = output_color(width, height)
-        filters = f"scale=out_color_matrix={matrix}:out_range=tv:flags={_SCALE_FLAGS},setsar={self.sar}"
+        # setparams: the encoder takes the tags from the frames, not from -color_* options.
+        filters = (f"scale=out_color_matrix={matrix}:out_range=tv:flags={_SCALE_FLAGS},setsar={self.sar},"
+                   f"setparams=range=tv:colorspace={tag}:color_primaries={tag}:color_trc={tag}")
         cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(self.rate), "-i", "-",
                "-an", "-vf", filters, "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
-               "-colorspace", tag, "-color_primaries", tag, "-color_trc", tag, "-color_range", "tv",
                "-movflags", "+faststart", "-f", "mp4", str(self._video_tmp)]
         self._proc: Optional[subprocess.Popen] = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
