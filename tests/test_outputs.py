@@ -70,7 +70,7 @@ CODEC_CASES = [  # codec, bit depth, ffmpeg codec name, stored pixel format
 def test_each_codec_and_bit_depth_reads_back(tmp_path, codec, bits, name, pix_fmt):
     width, height, frames, fps = 320, 16, 5, 12
     options = OutputOptions(codec=codec, bit_depth=bits)
-    encoding = options.encoding(width, height)
+    encoding = options.encoding()
     out = tmp_path / f"clip{options.suffix}"
     with VideoWriter(out, fps, width, height, encoding=encoding) as writer:
         writer.append(gray_ramp(frames, height, width, 16 if bits == 10 else 8))
@@ -92,7 +92,7 @@ def test_each_codec_and_bit_depth_reads_back(tmp_path, codec, bits, name, pix_fm
 def test_hd_output_is_tagged_bt709(tmp_path):
     out = tmp_path / "hd.mp4"
     options = OutputOptions(codec="h265", bit_depth=10)
-    with VideoWriter(out, 4, 1280, 720, encoding=options.encoding(1280, 720)) as writer:
+    with VideoWriter(out, 4, 1280, 720, encoding=options.encoding()) as writer:
         writer.append(gray_ramp(2, 720, 1280, 16))
     (line,) = stream_lines(out)
     assert "yuv420p10le(tv, bt709" in line
@@ -137,7 +137,7 @@ def test_reference_output_keeps_the_old_writer_and_truncation(tmp_path, monkeypa
 
     monkeypatch.setattr(outputs, "VideoWriter", Recorder)
     sink = OutputSink(OutputOptions(), tmp_path / "a.mp4", None, 16, 8, 6, audio_source=None)
-    assert made == [((tmp_path / "a.mp4", 16, 8, 6), {"audio_source": None})]
+    assert made == [((tmp_path / "a.mp4", 16, 8, 6), {"audio_source": None, "sar": None})]
     chunk = torch.randn(3, 3, 6, 8, generator=torch.Generator().manual_seed(0)) * 0.7
     before = ((chunk.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     video, frames = sink.quantise(chunk.float() * 0.5 + 0.5)

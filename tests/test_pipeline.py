@@ -99,7 +99,9 @@ def test_sampler_inputs_follow_spec(enhancer, clip, tmp_path, monkeypatch):
     assert sidecar["settings"]["noise_aug"] == NOISE_AUG and sidecar["prompt"] == "a test pattern"
     assert sidecar["output"] == {"path": str(result.output_path), "width": 112, "height": 72, "fps": 16.0,
                                  "frames": 17, "codec": "h264", "crf": 17, "pix_fmt": "yuv420p", "bit_depth": 8,
-                                 "color": None, "frames_dir": None, "color_fix": "none"}
+                                 "color": {"matrix": "smpte170m", "primaries": "smpte170m", "transfer": "smpte170m",
+                                           "range": "tv"},
+                                 "frames_dir": None, "color_fix": "none"}
 
 
 def test_noise_aug_zero_keeps_key_latents(enhancer, clip, tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ that its bytes do not change. Other choices:
   complete (like the video's temporary file);
 - a colour correction towards the input (venhancer.color_fix).
 
-Every non-default video names its RGB -> YUV conversion (matrix and range) and writes the same
-colour tags, so that players and editors decode the colours that were encoded. The encoders and
+Every video gets the writer's RGB -> YUV conversion and matching colour tags (BT.709 for HD,
+BT.601 below: venhancer.video_io.output_color), whatever its codec and bit depth. The encoders and
 pixel formats the bundled ffmpeg has are checked before any weights load.
 """
 
@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any, Optional
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from venhancer.color_fix import COLOR_FIXES
-from venhancer.video_io import OUTPUT_CRF, VideoWriter, ffmpeg_exe
+from venhancer.video_io import OUTPUT_CRF, VideoWriter, _umask, ffmpeg_exe, output_color
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ PNG_DIGITS = 6
 
 @dataclass(frozen=True)
 class Encoding:
-    """How one video is encoded: ffmpeg's input format, output arguments and what they produce."""
+    """How one video is encoded: ffmpeg's input format, codec arguments and what they produce."""
 
     codec: str
     encoder: str  # ffmpeg's encoder
@@ -56,8 +57,7 @@ class Encoding:
     input_pix_fmt: str  # what the writer is fed: rgb24 (uint8) or rgb48le (uint16)
     container: str  # ffmpeg muxer
     suffix: str
-    args: tuple[str, ...]  # ffmpeg output arguments: conversion, codec, tags
-    colour: dict[str, str]  # matrix, primaries, transfer, range as tagged
+    args: tuple[str, ...]  # ffmpeg's codec arguments (the writer adds the colour conversion)
     crf: Optional[int]
 
     @property
@@ -70,11 +70,9 @@ class Encoding:
 
 
 def colour_tags(width: int, height: int) -> dict[str, str]:
-    """BT.709 from 720 lines or 1280 columns up (HD), BT.601 (NTSC, smpte170m) below; limited range.
-
-    The same convention players use for untagged video, so tagged and untagged copies look alike."""
-    standard = "bt709" if height >= 720 or width >= 1280 else "smpte170m"
-    return {"matrix": standard, "primaries": standard, "transfer": standard, "range": "tv"}
+    """The colour tags VideoWriter writes at this size (its conversion matches them)."""
+    _, tag = output_color(width, height)
+    return {"matrix": tag, "primaries": tag, "transfer": tag, "range": "tv"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +157,7 @@ class OutputOptions:
         """ValueError (one line) when the bundled ffmpeg cannot write this video."""
         if not self.video:
             return
-        encoding = self.encoding(1280, 720)
+        encoding = self.encoding()
         if _encoder_pix_fmts(ffmpeg_exe(), encoding.encoder) is None:
             raise ValueError(f"codec {self.codec} needs ffmpeg's {encoding.encoder} encoder, which the bundled "
                              f"ffmpeg ({ffmpeg_exe()}) lacks")
@@ -167,9 +165,8 @@ class OutputOptions:
             raise ValueError(f"bit_depth {self.bit_depth} with codec {self.codec} needs {encoding.encoder} to "
                              f"encode {encoding.pix_fmt}, which the bundled ffmpeg ({ffmpeg_exe()}) cannot")
 
-    def encoding(self, width: int, height: int) -> Encoding:
-        """ffmpeg settings of this video at this size (the size picks the colour standard)."""
-        colour = colour_tags(width, height)
+    def encoding(self) -> Encoding:
+        """ffmpeg settings of this video."""
         crf = self.effective_crf
         if self.codec == "prores":
             # Profile 3 = 422 HQ; the vendor tag makes Apple software treat it as its own.
@@ -183,22 +180,20 @@ class OutputOptions:
             pix_fmt = "yuv420p10le" if self.bit_depth == 10 else "yuv420p"
             encoder = "libx264"
             codec_args = ["-crf", str(crf)] + (["-profile:v", "high10"] if self.bit_depth == 10 else [])
-        convert = (f"scale=out_color_matrix={colour['matrix']}:out_range={colour['range']},"
-                   f"setparams=range={colour['range']}:colorspace={colour['matrix']}:"
-                   f"color_primaries={colour['primaries']}:color_trc={colour['transfer']}")
-        args = ("-vf", convert, "-c:v", encoder, *codec_args, "-pix_fmt", pix_fmt)
+        args = ("-c:v", encoder, *codec_args, "-pix_fmt", pix_fmt)
         return Encoding(codec=self.codec, encoder=encoder, pix_fmt=pix_fmt,
                         input_pix_fmt="rgb48le" if self.bit_depth == 10 else "rgb24",
                         container="mov" if self.codec == "prores" else "mp4", suffix=self.suffix,
-                        args=args, colour=colour, crf=None if self.codec == "prores" else crf)
+                        args=args, crf=None if self.codec == "prores" else crf)
 
     def describe(self, width: int, height: int) -> str:
         parts = []
         if self.video:
-            enc = self.encoding(width, height)
+            enc = self.encoding()
             crf = f" CRF {enc.crf}" if enc.crf is not None else ""
-            colour = "untagged" if self.is_reference else f"{enc.colour['matrix']} {enc.colour['range']} range"
-            parts.append(f"{self.codec}{crf} {enc.pix_fmt} {self.bit_depth}-bit in {enc.suffix} ({colour})")
+            colour = colour_tags(width, height)
+            parts.append(f"{self.codec}{crf} {enc.pix_fmt} {self.bit_depth}-bit in {enc.suffix} "
+                         f"({colour['matrix']} {colour['range']} range)")
         if self.frames_dir:
             parts.append("16-bit PNG frames")
         return f"writes {' + '.join(parts)}; color fix {self.color_fix}"
@@ -209,14 +204,9 @@ class OutputOptions:
         extra = {"frames_dir": str(frames) if frames is not None else None, "color_fix": self.color_fix}
         if not self.video:
             return {"codec": None, "crf": None, "pix_fmt": None, "bit_depth": None, "color": None, **extra}
-        if self.is_reference:
-            record: dict[str, Any] = {"codec": "h264", "crf": self.effective_crf, "pix_fmt": "yuv420p",
-                                      "bit_depth": 8, "color": None}
-        else:
-            enc = self.encoding(width, height)
-            record = {"codec": self.codec, "crf": enc.crf, "pix_fmt": enc.pix_fmt, "bit_depth": self.bit_depth,
-                      "color": enc.colour}
-        return {**record, **extra}
+        enc = self.encoding()
+        return {"codec": self.codec, "crf": enc.crf, "pix_fmt": enc.pix_fmt, "bit_depth": self.bit_depth,
+                "color": colour_tags(width, height), **extra}
 
 
 class FrameFolderWriter:
@@ -277,6 +267,7 @@ class FrameFolderWriter:
             if self.path.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
                 os.replace(self.path, old / self.path.name)
+            os.chmod(self._tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as a plain mkdir would not
             os.replace(self._tmp, self.path)
             self._tmp = None
             if old is not None:
@@ -310,18 +301,19 @@ class OutputSink:
     exception aborts them all."""
 
     def __init__(self, options: OutputOptions, video_path: Optional[Path], frames_path: Optional[Path],
-                 fps: float, width: int, height: int, audio_source: Optional[Path] = None):
+                 fps: float | Fraction, width: int, height: int, audio_source: Optional[Path] = None,
+                 sar: Fraction | float | None = None):
         self.video: Optional[VideoWriter] = None
         self.frames: Optional[FrameFolderWriter] = None
         self._video_bits = 8
         try:
             if video_path is not None:
                 if options.is_reference:
-                    self.video = VideoWriter(video_path, fps, width, height, audio_source=audio_source)
+                    self.video = VideoWriter(video_path, fps, width, height, audio_source=audio_source, sar=sar)
                 else:
-                    encoding = options.encoding(width, height)
+                    encoding = options.encoding()
                     self._video_bits = encoding.bits
-                    self.video = VideoWriter(video_path, fps, width, height, audio_source=audio_source,
+                    self.video = VideoWriter(video_path, fps, width, height, audio_source=audio_source, sar=sar,
                                              encoding=encoding)
             if frames_path is not None:
                 self.frames = FrameFolderWriter(frames_path, width, height)

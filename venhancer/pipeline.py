@@ -19,10 +19,11 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,7 +53,7 @@ from venhancer.planning import (
     target_resolution,
 )
 from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
-from venhancer.video_io import Video, VideoInfo, read_video
+from venhancer.video_io import Video, VideoInfo, apply_umask, iter_frames, probe_video
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,11 @@ class VideoPlan:
     windows: list[tuple[int, int]]  # temporal windows of the denoiser
     denoise_steps: int  # network evaluations per branch and window
     branches: int  # 2 with classifier-free guidance, 1 when cfg == 1
+    out_rate: Optional[Fraction] = None  # out_fps exactly (None: from out_fps)
+
+    def __post_init__(self) -> None:
+        if self.out_rate is None:
+            object.__setattr__(self, "out_rate", Fraction(self.out_fps).limit_denominator(1_000_000))
 
     @property
     def padded_size(self) -> tuple[int, int]:
@@ -179,17 +185,20 @@ class VideoPlan:
 
 
 def plan_video(info: VideoInfo, options: EnhanceOptions, planning: PlanningConfig) -> VideoPlan:
-    """Sizes, frame counts and windows of enhancing `info` (SPEC 1.2, 1.3, 1.6, 5)."""
-    k = interp_frames(info.fps, options.target_fps)
+    """Sizes, frame counts and windows of enhancing `info` (SPEC 1.2, 1.3, 1.6, 5).
+
+    The rates are exact fractions: 24 fps over 48/7 fps is 3.5, which rounds to 4 (k = 3)."""
+    k = interp_frames(info.rate, options.target_fps)
+    out_rate = output_fps(info.rate, k)
     frames = output_frame_count(info.num_frames, k)
     height, width = target_resolution(info.height, info.width, options.up_scale,
                                       area_min=planning.area_min, area_max=planning.area_max)
     padding = pad_to_fit(height, width, min_height=planning.pad_min[0], min_width=planning.pad_min[1])
     windows = chunk_windows(frames, k, max_len=planning.chunk_len, overlap=planning.chunk_overlap)
-    return VideoPlan(input=info, k=k, out_fps=output_fps(info.fps, k), out_frames=frames,
+    return VideoPlan(input=info, k=k, out_fps=float(out_rate), out_frames=frames,
                      height=height, width=width, padding=padding, windows=windows,
                      denoise_steps=num_model_evals(options.solver_mode, options.steps),
-                     branches=1 if options.cfg == 1 else 2)
+                     branches=1 if options.cfg == 1 else 2, out_rate=out_rate)
 
 
 @dataclass
@@ -260,12 +269,21 @@ def _loaded(future: Future, what: str) -> Any:
         raise ModelLoadError(f"could not load the {what}: {exc}") from exc
 
 
+def _keeping(batches: Iterable[np.ndarray], kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """`batches`, each also appended to `kept` (the colour correction needs the input frames when
+    decoding; keeping them costs one input-sized copy instead of a second decode)."""
+    for batch in batches:
+        kept.append(batch)
+        yield batch
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.json", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -430,9 +448,11 @@ class Enhancer:
     def run(self, path: str | os.PathLike, prompt: str, options: EnhanceOptions,
             save_dir: str | os.PathLike = "results", overwrite: bool = False,
             video: Optional[Video] = None, output: Optional[OutputOptions] = None) -> EnhanceResult:
-        """`enhance` with validated options. `video`: `path` already decoded by `read_video` (the
-        CLI decodes the first video fully when it checks the inputs, so that it is not decoded
-        twice on the way to the first denoising step); the `read` timing is then ~0."""
+        """`enhance` with validated options. `video`: `path` already decoded by `read_video`
+        (its frames are used as they are). Without it the input is probed and its frames are
+        decoded batch by batch as the encoder takes them, so host memory is bounded by a batch,
+        not by the clip (with a colour correction the input frames, at the input's size, are kept
+        for the decoder). `output`: what is written (default: the reference's mp4)."""
         path = Path(path)
         # Window sharding: every process runs this in lockstep; a failure on one, up to denoising,
         # stops all (`_together`); only the writer creates, checks and writes outputs.
@@ -465,9 +485,8 @@ class Enhancer:
             with torch.inference_mode():
                 with self._together():
                     with self._phase("read", timings):
-                        if video is None:
-                            video = read_video(path)
-                    plan = plan_video(video.info, options, self.planning)
+                        info = probe_video(path) if video is None else video.info
+                    plan = plan_video(info, options, self.planning)
                     logger.info("%s: %s", path.name, plan.describe())
                     generator = torch.Generator(device=self.device).manual_seed(options.seed)
                     # The prompt on the worker while this thread encodes the frames (not in
@@ -477,7 +496,15 @@ class Enhancer:
                         text = self._worker.submit(self._on_worker, self._encode_text, prompt, path)
                     phase = "encoding frames"
                     with self._phase("encode", timings):
-                        z_key = self._encode(video.frames, plan, generator)
+                        if video is None:
+                            batches: Iterable[np.ndarray] = iter_frames(info, batch=_FRAME_BATCH)
+                        else:
+                            batches = (video.frames[i:i + _FRAME_BATCH]
+                                       for i in range(0, info.num_frames, _FRAME_BATCH))
+                        kept: list[np.ndarray] = []
+                        if output.color_fix != "none" and writes:
+                            batches = _keeping(batches, kept)
+                        z_key = self._encode(batches, plan, generator)
                     phase = "encoding the prompt"
                     with self._phase("text", timings):  # with the worker: the wait for it
                         if text is None:
@@ -496,7 +523,7 @@ class Enhancer:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
                 with self._phase("decode_write", timings):
-                    source = video.frames if output.color_fix != "none" else None
+                    source = np.concatenate(kept) if kept else None
                     timings["write_wait"] = self._decode_and_write(x0, plan, out_path, output, source,
                                                                    overwrite=overwrite)
         except torch.OutOfMemoryError as exc:
@@ -508,6 +535,8 @@ class Enhancer:
             raise EnhanceError(
                 f"{path.name}: out of {self.device.type.upper()} memory {where}{size}: "
                 f"{hint}lower --up_scale (e.g. 2), lower --target_fps, or enhance a shorter clip") from exc
+        except MemoryError as exc:
+            raise EnhanceError(f"{path.name}: out of host memory while {phase}: {exc or 'allocation failed'}") from exc
         timings["total"] = time.perf_counter() - start
         if self.device.type == "cuda":
             timings["peak_gpu_memory_reserved_GB"] = torch.cuda.max_memory_reserved(self.device) / 1e9
@@ -546,18 +575,21 @@ class Enhancer:
         return tqdm(total=total, desc=desc, unit="frame" if desc != "denoise" else "step",
                     disable=None if self.progress else True, leave=False, dynamic_ncols=True)
 
-    def _encode(self, frames: np.ndarray, plan: VideoPlan, generator: torch.Generator) -> torch.Tensor:
-        """Key-frame latents (1, 4, n, h', w') of the resized, padded input frames (SPEC 1.1, 1.4, 1.6, 1.7)."""
-        n = frames.shape[0]
+    def _encode(self, batches: Iterable[np.ndarray], plan: VideoPlan, generator: torch.Generator) -> torch.Tensor:
+        """Key-frame latents (1, 4, n, h', w') of the resized, padded input frames (SPEC 1.1, 1.4, 1.6, 1.7).
+
+        batches: the n input frames in order, a few at a time (uint8 RGB (b, h, w, 3))."""
+        n = plan.input.num_frames
         lat_h, lat_w = plan.latent_size
         # Posterior noise for all frames up front: the latents do not depend on the batching.
         noise = torch.randn((n, self.vae.config.latent_channels, lat_h, lat_w), generator=generator,
                             device=self.device, dtype=torch.float32)
         latents = []
         started = time.perf_counter()
+        begin = 0
         with self._bar(n, "encode") as bar:
-            for begin in range(0, n, _FRAME_BATCH):
-                batch = torch.from_numpy(frames[begin:begin + _FRAME_BATCH]).to(self.device)
+            for frames in batches:
+                batch = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
                 x = batch.permute(0, 3, 1, 2).float() / 255 * 2 - 1
                 x = F.interpolate(x, size=(plan.height, plan.width), mode="bilinear",
                                   align_corners=False, antialias=False)
@@ -569,6 +601,9 @@ class Enhancer:
                         torch.cuda.synchronize(self.device)
                     logger.debug("encoded frames %d-%d at %.2f s", begin, begin + x.shape[0] - 1,
                                  time.perf_counter() - started)
+                begin += x.shape[0]
+        if begin != n:
+            raise EnhanceError(f"{plan.input.path.name}: {begin} frames were decoded, {n} expected")
         return torch.cat(latents, dim=2)
 
     def _encode_text(self, prompt: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -668,10 +703,10 @@ class Enhancer:
         matcher = None
         if output.color_fix != "none":
             if source is None:
-                source = read_video(plan.input.path).frames
+                source = np.concatenate(list(iter_frames(plan.input, batch=_FRAME_BATCH)))
             matcher = ColorMatcher(output.color_fix, source, plan.k, (plan.height, plan.width), self.device)
-        with OutputSink(output, video_path, frames_path, plan.out_fps, plan.width, plan.height,
-                        audio_source=audio) as writer, \
+        with OutputSink(output, video_path, frames_path, plan.out_rate, plan.width, plan.height,
+                        audio_source=audio, sar=plan.input.sar) as writer, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="venhancer-writer") as pool, \
                 self._bar(plan.out_frames, "decode") as bar:
             pending: Future | None = None
@@ -702,7 +737,8 @@ class Enhancer:
         return {
             "tool": f"venhancer {__version__}",
             "input": {"path": str(path), "width": info.width, "height": info.height, "fps": info.fps,
-                      "frames": info.num_frames, "audio": info.audio_codec},
+                      "frames": info.num_frames, "audio": info.audio_codec, "color_matrix": info.color_matrix,
+                      "sar": str(info.sar)},
             "output": {"path": str(out_path), "width": plan.width, "height": plan.height, "fps": plan.out_fps,
                        "frames": plan.out_frames,
                        **(output or OutputOptions()).record(plan.width, plan.height, path, out_path.parent)},
