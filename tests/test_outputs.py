@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import venhancer.outputs as outputs
-from make_tiny_models import make_tiny_models
+from make_tiny_models import make_clip, make_tiny_models
 from test_cli import FAST, error_lines, restore_logging, run_main, stream_lines  # noqa: F401 (autouse fixture)
 from venhancer.color_fix import ColorMatcher, adain, source_position, wavelet, wavelet_lowpass
 from venhancer.outputs import FrameFolderWriter, OutputOptions, OutputSink
@@ -87,6 +87,17 @@ def test_each_codec_and_bit_depth_reads_back(tmp_path, codec, bits, name, pix_fm
         assert levels > 256 if bits == 10 else levels <= 256
     else:
         assert len(np.unique(decode(out, pix_fmt, np.uint8)[: width * height])) <= 256
+
+
+def test_prores_mov_keeps_the_audio(tmp_path):
+    source = make_clip(tmp_path / "source.mp4", audio=True)
+    out = tmp_path / "clip.mov"
+    with VideoWriter(out, 16, 64, 16, audio_source=source,
+                     encoding=OutputOptions(codec="prores", bit_depth=10).encoding()) as writer:
+        writer.append(gray_ramp(17, 16, 64, 16))
+    video, audio = stream_lines(out)
+    assert "Video: prores (HQ)" in video and "Audio: aac" in audio
+    assert probe_video(out).num_frames == 17
 
 
 def test_hd_output_is_tagged_bt709(tmp_path):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from venhancer.color_fix import COLOR_FIXES
-from venhancer.video_io import OUTPUT_CRF, VideoWriter, _umask, ffmpeg_exe, output_color
+from venhancer.video_io import OUTPUT_CRF, VideoWriter, _last_line, _umask, ffmpeg_exe, output_color
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +249,7 @@ class FrameFolderWriter:
             self._proc.kill()
             self._proc.wait()
         self._stderr.seek(0)
-        lines = [ln.strip() for ln in self._stderr.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-        return lines[-1] if lines else "no message"
+        return _last_line(self._stderr.read())
 
     def close(self) -> Path:
         try:
