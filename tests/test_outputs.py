@@ -334,3 +334,16 @@ def test_frames_only_with_wavelet(tiny_config, soft_clip, tmp_path, capsys):
     code, log = run_main(capsys, "--config", tiny_config, "--input_path", soft_clip, "--save_dir", save, *FAST,
                          "--frames_dir", "--no_video", "--color_fix", "wavelet")
     assert code == 0 and "1 skipped" in log and "loading network" not in log
+
+
+def test_output_flags_default_to_the_reference():
+    from venhancer import cli
+
+    args = cli.build_parser().parse_args(["--input_path", "x"])
+    assert (args.codec, args.crf, args.bit_depth, args.frames_dir, args.no_video, args.color_fix) == (
+        "h264", None, 8, False, False, "none")
+    assert cli.output_options(args) == OutputOptions() and OutputOptions().is_reference
+    args = cli.build_parser().parse_args(["--input_path", "x", "--codec", "h265", "--crf", "24", "--bit_depth",
+                                          "10", "--frames_dir", "--color_fix", "adain"])
+    assert cli.output_options(args) == OutputOptions(codec="h265", crf=24, bit_depth=10, frames_dir=True,
+                                                     color_fix="adain")
