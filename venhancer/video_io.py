@@ -197,8 +197,10 @@ def _average_rate(stream: _Stream, description: str) -> Optional[Fraction]:
 
 
 def _video_description(stderr: str) -> Optional[str]:
-    m = re.search(r"Stream #0:\d+\S*: Video: (.*)", stderr)
-    return m.group(1) if m else None
+    for m in re.finditer(r"Stream #0:\d+\S*: Video: (.*)", stderr):
+        if "(attached pic)" not in m.group(1):  # cover art, not the video (0:V skips it too)
+            return m.group(1)
+    return None
 
 
 def _color_matrix(description: str) -> str:
@@ -221,7 +223,7 @@ def _probe(path: Path) -> VideoInfo:
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-copyts", "-i", str(path),
-           "-map", "0:v:0", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
+           "-map", "0:V:0", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
     result = subprocess.run(cmd, capture_output=True, check=False)
     stderr = result.stderr.decode("utf-8", "replace")
     description = _video_description(stderr)
@@ -284,7 +286,7 @@ def iter_frames(source: Path | str | VideoInfo, batch: int = 8) -> Iterator[np.n
         raise ValueError(f"batch must be >= 1, got {batch}")
     frame_bytes = info.width * info.height * 3
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(info.path),
-           "-map", "0:v:0", "-fps_mode", "passthrough",
+           "-map", "0:V:0", "-fps_mode", "passthrough",
            "-vf", f"scale=in_color_matrix={info.color_matrix}:flags={_SCALE_FLAGS}",
            "-pix_fmt", "rgb24", "-f", "rawvideo", "-"]
     stderr: IO[bytes] = tempfile.TemporaryFile()
@@ -380,7 +382,9 @@ class VideoWriter:
             raise ValueError(f"pixel aspect ratio must be positive, got {sar}")
         self.path = Path(path)
         self.width, self.height = width, height
-        self.rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1_000_000)
+        # The average rate of a variable-rate input can have a huge denominator; H.264 and mp4
+        # store the rate in 32-bit fields, and 1e-6 relative is far below what anyone can see.
+        self.rate = Fraction(fps).limit_denominator(100_000)
         self.fps = float(self.rate)
         self.sar = Fraction(sar).limit_denominator(10_000) if sar is not None else Fraction(1)
         self.audio_source = Path(audio_source) if audio_source is not None else None
