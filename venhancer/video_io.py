@@ -173,27 +173,29 @@ def _header_rates(description: str) -> list[Fraction]:
     return rates
 
 
-def _average_rate(stream: _Stream, description: str) -> Optional[Fraction]:
-    """Frames / duration of the stream, exact. When the frame intervals jitter by rounding to the
-    time base (mkv/webm store milliseconds), a rate the header prints that fits the timestamps
-    to within one tick is preferred (30 fps, not 30.0090...)."""
+def _frame_rate(stream: _Stream, description: str) -> Optional[Fraction]:
+    """The stream's exact rate. Constant spacing: one over it. Spacing that only jitters by
+    rounding to the time base (mkv/webm store milliseconds): the rate the header prints (or its
+    NTSC rational) when it fits the timestamps to within one tick, so 30 fps and not 30.009.
+    Otherwise (variable rate) the average: frames / duration of the stream."""
     n = len(stream.pts)
     pts = sorted(stream.pts)
     gaps = [b - a for a, b in zip(pts, pts[1:])]
-    if all(d > 0 for d in stream.durations):
-        span = max(p + d for p, d in zip(stream.pts, stream.durations)) - pts[0]
-        intervals = n
-    else:  # no per-packet durations: the n-1 gaps between the frames
-        span, intervals = pts[-1] - pts[0], n - 1
-    if span <= 0 or intervals <= 0:
-        return None
-    rate = intervals / (span * stream.time_base)
-    if gaps and max(gaps) - min(gaps) <= 1 < span:
-        low, high = intervals / ((span + 1) * stream.time_base), intervals / ((span - 1) * stream.time_base)
+    if gaps and min(gaps) == max(gaps) > 0:
+        return 1 / (gaps[0] * stream.time_base)
+    span = pts[-1] - pts[0]
+    if gaps and max(gaps) - min(gaps) <= 1 and span > 1:
+        low, high = (n - 1) / ((span + 1) * stream.time_base), (n - 1) / ((span - 1) * stream.time_base)
         for candidate in _header_rates(description):
             if low <= candidate <= high:
                 return candidate
-    return rate
+    if all(d > 0 for d in stream.durations):
+        span, intervals = max(p + d for p, d in zip(stream.pts, stream.durations)) - pts[0], n
+    else:  # no per-packet durations: the n-1 gaps between the frames
+        intervals = n - 1
+    if span <= 0 or intervals <= 0:
+        return None
+    return intervals / (span * stream.time_base)
 
 
 def _video_description(stderr: str) -> Optional[str]:
@@ -244,7 +246,7 @@ def _probe(path: Path) -> VideoInfo:
         raise VideoError(f"{path}: video has no frames")
     if count == 1:
         raise VideoError(f"{path}: video has a single frame; at least 2 are needed")
-    rate = _average_rate(video, description)
+    rate = _frame_rate(video, description)
     if rate is None:
         raise VideoError(f"{path}: frame rate could not be determined (all {count} frames share one timestamp)")
     width, height, sar = video.width, video.height, video.sar
