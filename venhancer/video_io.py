@@ -236,7 +236,7 @@ def _probe(path: Path) -> VideoInfo:
         raise VideoError(f"{path}: not a readable video (corrupt, truncated or not a video file)")
     streams = _parse_framecrc(result.stdout.decode("ascii", "replace"))
     video = next((s for s in streams.values() if s.media == "video"), None)
-    audio = next((s for s in streams.values() if s.media == "audio"), None)
+    audio = next((s for s in streams.values() if s.media == "audio" and s.pts), None)
     if result.returncode != 0 or video is None:
         raise VideoError(f"{path}: not a readable video ({_last_line(stderr)})")
     count = len(video.pts)
