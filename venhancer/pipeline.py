@@ -188,7 +188,8 @@ def plan_video(info: VideoInfo, options: EnhanceOptions, planning: PlanningConfi
     """Sizes, frame counts and windows of enhancing `info` (SPEC 1.2, 1.3, 1.6, 5).
 
     The rates are exact fractions: 24 fps over 48/7 fps is 3.5, which rounds to 4 (k = 3)."""
-    k = interp_frames(info.rate, options.target_fps)
+    # Fractions on both sides: a float target would make the quotient a float again.
+    k = interp_frames(info.rate, Fraction(options.target_fps))
     out_rate = output_fps(info.rate, k)
     frames = output_frame_count(info.num_frames, k)
     height, width = target_resolution(info.height, info.width, options.up_scale,

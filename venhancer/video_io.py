@@ -176,32 +176,36 @@ def _header_rates(description: str) -> list[Fraction]:
     return rates
 
 
-def _average_rate(stream: _Stream, description: str) -> Optional[Fraction]:
-    """Frames / duration of the stream, exact. When the frame intervals jitter by rounding to the
-    time base (mkv/webm store milliseconds), a rate the header prints that fits the timestamps
-    to within one tick is preferred (30 fps, not 30.0090...)."""
+def _frame_rate(stream: _Stream, description: str) -> Optional[Fraction]:
+    """The stream's exact rate. Constant spacing: one over it. Spacing that only jitters by
+    rounding to the time base (mkv/webm store milliseconds): the rate the header prints (or its
+    NTSC rational) when it fits the timestamps to within one tick, so 30 fps and not 30.009.
+    Otherwise (variable rate) the average: frames / duration of the stream."""
     n = len(stream.pts)
     pts = sorted(stream.pts)
     gaps = [b - a for a, b in zip(pts, pts[1:])]
-    if all(d > 0 for d in stream.durations):
-        span = max(p + d for p, d in zip(stream.pts, stream.durations)) - pts[0]
-        intervals = n
-    else:  # no per-packet durations: the n-1 gaps between the frames
-        span, intervals = pts[-1] - pts[0], n - 1
-    if span <= 0 or intervals <= 0:
-        return None
-    rate = intervals / (span * stream.time_base)
-    if gaps and max(gaps) - min(gaps) <= 1 < span:
-        low, high = intervals / ((span + 1) * stream.time_base), intervals / ((span - 1) * stream.time_base)
+    if gaps and min(gaps) == max(gaps) > 0:
+        return 1 / (gaps[0] * stream.time_base)
+    span = pts[-1] - pts[0]
+    if gaps and max(gaps) - min(gaps) <= 1 and span > 1:
+        low, high = (n - 1) / ((span + 1) * stream.time_base), (n - 1) / ((span - 1) * stream.time_base)
         for candidate in _header_rates(description):
             if low <= candidate <= high:
                 return candidate
-    return rate
+    if all(d > 0 for d in stream.durations):
+        span, intervals = max(p + d for p, d in zip(stream.pts, stream.durations)) - pts[0], n
+    else:  # no per-packet durations: the n-1 gaps between the frames
+        intervals = n - 1
+    if span <= 0 or intervals <= 0:
+        return None
+    return intervals / (span * stream.time_base)
 
 
 def _video_description(stderr: str) -> Optional[str]:
-    m = re.search(r"Stream #0:\d+\S*: Video: (.*)", stderr)
-    return m.group(1) if m else None
+    for m in re.finditer(r"Stream #0:\d+\S*: Video: (.*)", stderr):
+        if "(attached pic)" not in m.group(1):  # cover art, not the video (0:V skips it too)
+            return m.group(1)
+    return None
 
 
 def _color_matrix(description: str) -> str:
@@ -224,7 +228,7 @@ def _probe(path: Path) -> VideoInfo:
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-copyts", "-i", str(path),
-           "-map", "0:v:0", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
+           "-map", "0:V:0", "-map", "0:a:0?", "-c", "copy", "-f", "framecrc", "-"]
     result = subprocess.run(cmd, capture_output=True, check=False)
     stderr = result.stderr.decode("utf-8", "replace")
     description = _video_description(stderr)
@@ -235,7 +239,7 @@ def _probe(path: Path) -> VideoInfo:
         raise VideoError(f"{path}: not a readable video (corrupt, truncated or not a video file)")
     streams = _parse_framecrc(result.stdout.decode("ascii", "replace"))
     video = next((s for s in streams.values() if s.media == "video"), None)
-    audio = next((s for s in streams.values() if s.media == "audio"), None)
+    audio = next((s for s in streams.values() if s.media == "audio" and s.pts), None)
     if result.returncode != 0 or video is None:
         raise VideoError(f"{path}: not a readable video ({_last_line(stderr)})")
     count = len(video.pts)
@@ -245,7 +249,7 @@ def _probe(path: Path) -> VideoInfo:
         raise VideoError(f"{path}: video has no frames")
     if count == 1:
         raise VideoError(f"{path}: video has a single frame; at least 2 are needed")
-    rate = _average_rate(video, description)
+    rate = _frame_rate(video, description)
     if rate is None:
         raise VideoError(f"{path}: frame rate could not be determined (all {count} frames share one timestamp)")
     width, height, sar = video.width, video.height, video.sar
@@ -287,7 +291,7 @@ def iter_frames(source: Path | str | VideoInfo, batch: int = 8) -> Iterator[np.n
         raise ValueError(f"batch must be >= 1, got {batch}")
     frame_bytes = info.width * info.height * 3
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(info.path),
-           "-map", "0:v:0", "-fps_mode", "passthrough",
+           "-map", "0:V:0", "-fps_mode", "passthrough",
            "-vf", f"scale=in_color_matrix={info.color_matrix}:flags={_SCALE_FLAGS}",
            "-pix_fmt", "rgb24", "-f", "rawvideo", "-"]
     stderr: IO[bytes] = tempfile.TemporaryFile()
@@ -387,7 +391,9 @@ class VideoWriter:
             raise ValueError(f"pixel aspect ratio must be positive, got {sar}")
         self.path = Path(path)
         self.width, self.height = width, height
-        self.rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1_000_000)
+        # The average rate of a variable-rate input can have a huge denominator; H.264 and mp4
+        # store the rate in 32-bit fields, and 1e-6 relative is far below what anyone can see.
+        self.rate = Fraction(fps).limit_denominator(100_000)
         self.fps = float(self.rate)
         self.sar = Fraction(sar).limit_denominator(10_000) if sar is not None else Fraction(1)
         self.audio_source = Path(audio_source) if audio_source is not None else None
