@@ -347,3 +347,29 @@ def test_output_flags_default_to_the_reference():
                                           "10", "--frames_dir", "--color_fix", "adain"])
     assert cli.output_options(args) == OutputOptions(codec="h265", crf=24, bit_depth=10, frames_dir=True,
                                                      color_fix="adain")
+
+
+def test_library_call_streams_the_input_into_prores_with_adain(tiny_config, soft_clip, tmp_path, monkeypatch):
+    """Without a pre-decoded video the input is streamed batch by batch; the colour correction
+    keeps those batches instead of decoding the input again."""
+    import venhancer.pipeline as pipeline
+    from venhancer.pipeline import Enhancer
+
+    decodes = []
+    real = pipeline.iter_frames
+
+    def counted(*args, **kwargs):
+        decodes.append(args)
+        return real(*args, **kwargs)
+
+    enhancer = Enhancer(tiny_config, progress=False)
+    monkeypatch.setattr(pipeline, "iter_frames", counted)
+    result = enhancer.enhance(soft_clip, up_scale=2, target_fps=16, solver_mode="normal", steps=2,
+                              save_dir=tmp_path, output=OutputOptions(codec="prores", color_fix="adain"))
+    assert len(decodes) == 1
+    assert result.output_path == tmp_path / "soft.mov"
+    (line,) = stream_lines(result.output_path)
+    assert "Video: prores (HQ)" in line and "yuv422p10le" in line
+    assert probe_video(result.output_path).num_frames == 17
+    output = json.loads(result.sidecar_path.read_text())["output"]
+    assert (output["codec"], output["crf"], output["color_fix"]) == ("prores", None, "adain")

@@ -20,6 +20,8 @@ so the correction adds no pass over the video and holds one extra full-size fram
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -80,15 +82,16 @@ class ColorMatcher:
     weighted by its position between them (the inserted frame halfway between two key frames takes
     half of each), so that colours change smoothly across the inserted frames.
 
-    `source`: the input frames (n, h, w, 3) RGB uint8, kept on the host; each is moved to the device
-    and resized when a decoded frame first needs it.
+    `source`: the input frames, each (h, w, 3) RGB uint8 (an array (n, h, w, 3) or a list), kept on
+    the host; each is moved to the device and resized when a decoded frame first needs it.
     """
 
-    def __init__(self, method: str, source: np.ndarray, k: int, size: tuple[int, int], device: torch.device):
+    def __init__(self, method: str, source: Sequence[np.ndarray], k: int, size: tuple[int, int],
+                 device: torch.device):
         if method not in COLOR_FIXES or method == "none":
             raise ValueError(f"color fix must be one of {COLOR_FIXES[1:]}, got {method!r}")
-        if source.ndim != 4 or source.shape[-1] != 3 or source.dtype != np.uint8:
-            raise ValueError(f"source frames must be uint8 (n, h, w, 3), got {source.dtype} {source.shape}")
+        if not len(source) or source[0].shape[-1:] != (3,) or source[0].dtype != np.uint8:
+            raise ValueError("source frames must be uint8 (h, w, 3)")
         self.method, self.source, self.k, self.size, self.device = method, source, k, size, device
         self._resized: dict[int, torch.Tensor] = {}
 
@@ -109,8 +112,8 @@ class ColorMatcher:
     def reference(self, index: int) -> torch.Tensor:
         """(1, 3, H, W) float in [0, 1]: the colours output frame `index` is matched to."""
         i, weight = source_position(index, self.k)
-        if i >= self.source.shape[0]:
-            raise IndexError(f"output frame {index} lies past the last of {self.source.shape[0]} input frames")
+        if i >= len(self.source):
+            raise IndexError(f"output frame {index} lies past the last of {len(self.source)} input frames")
         if weight == 0:
             return self._input(i)
         return self._input(i) * (1 - weight) + self._input(i + 1) * weight

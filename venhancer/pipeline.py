@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -271,10 +271,10 @@ def _loaded(future: Future, what: str) -> Any:
 
 
 def _keeping(batches: Iterable[np.ndarray], kept: list[np.ndarray]) -> Iterator[np.ndarray]:
-    """`batches`, each also appended to `kept` (the colour correction needs the input frames when
-    decoding; keeping them costs one input-sized copy instead of a second decode)."""
+    """`batches`, each frame also appended to `kept` (the colour correction needs the input frames
+    when decoding: holding the batches costs no copy and spares a second decode)."""
     for batch in batches:
-        kept.append(batch)
+        kept.extend(batch)
         yield batch
 
 
@@ -524,7 +524,7 @@ class Enhancer:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
                 with self._phase("decode_write", timings):
-                    source = np.concatenate(kept) if kept else None
+                    source = kept or None
                     timings["write_wait"] = self._decode_and_write(x0, plan, out_path, output, source,
                                                                    overwrite=overwrite)
         except torch.OutOfMemoryError as exc:
@@ -674,11 +674,11 @@ class Enhancer:
         return x0
 
     def _decode_and_write(self, x0: torch.Tensor, plan: VideoPlan, out_path: Path,
-                          output: Optional[OutputOptions] = None, source: Optional[np.ndarray] = None,
+                          output: Optional[OutputOptions] = None, source: Optional[Sequence[np.ndarray]] = None,
                           overwrite: bool = True) -> float:
         """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264.
         `output` may ask for other codecs and bit depths, a frame folder, and a colour correction
-        towards `source`, the input frames (venhancer.outputs, venhancer.color_fix).
+        towards `source`, the input frames (h, w, 3) (venhancer.outputs, venhancer.color_fix).
 
         Frames are cropped and quantised on the device (a quarter of the bytes to copy back) and
         handed to ffmpeg by a writer thread, so the GPU decodes the next window meanwhile.
@@ -704,7 +704,7 @@ class Enhancer:
         matcher = None
         if output.color_fix != "none":
             if source is None:
-                source = np.concatenate(list(iter_frames(plan.input, batch=_FRAME_BATCH)))
+                source = [frame for batch in iter_frames(plan.input, batch=_FRAME_BATCH) for frame in batch]
             matcher = ColorMatcher(output.color_fix, source, plan.k, (plan.height, plan.width), self.device)
         with OutputSink(output, video_path, frames_path, plan.out_rate, plan.width, plan.height,
                         audio_source=audio, sar=plan.input.sar) as writer, \
