@@ -223,8 +223,8 @@ def test_dry_run_and_resume_follow_the_codec(tiny_config, soft_clip, tmp_path, c
     code, log = run_main(capsys, "--config", tiny_config, "--input_path", soft_clip, "--save_dir", save, *FAST,
                          "--dry_run", "--codec", "prores", "--frames_dir", "--color_fix", "wavelet")
     assert code == 0, log
-    assert (f"output {save / 'soft.mov'} (writes prores yuv422p10le 8-bit in .mov (smpte170m tv range) + "
-            "16-bit PNG frames; color fix wavelet)") in log
+    assert (f"output {save / 'soft.mov'} (writes prores yuv422p10le from 8-bit frames in .mov "
+            "(smpte170m tv range) + 16-bit PNG frames; color fix wavelet)") in log
     # The .mov and the frame folder both exist: skipped; one missing: run.
     save.mkdir()
     (save / "soft.mov").write_bytes(b"finished earlier")

@@ -192,7 +192,7 @@ class OutputOptions:
             enc = self.encoding()
             crf = f" CRF {enc.crf}" if enc.crf is not None else ""
             colour = colour_tags(width, height)
-            parts.append(f"{self.codec}{crf} {enc.pix_fmt} {self.bit_depth}-bit in {enc.suffix} "
+            parts.append(f"{self.codec}{crf} {enc.pix_fmt} from {enc.bits}-bit frames in {enc.suffix} "
                          f"({colour['matrix']} {colour['range']} range)")
         if self.frames_dir:
             parts.append("16-bit PNG frames")
@@ -331,7 +331,8 @@ class OutputSink:
         arrays: list[Optional[np.ndarray]] = [None, None]
         x = x.clamp(0, 1)
         if self.video is not None:
-            pixels = (x * 255).to(torch.uint8) if self._video_bits == 8 else _to_uint16(x)  # uint8: truncates (SPEC 1.12)
+            # uint8 truncates (SPEC 1.12)
+            pixels = (x * 255).to(torch.uint8) if self._video_bits == 8 else _to_uint16(x)
             arrays[0] = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
         if self.frames is not None:
             if self._video_bits == 16 and arrays[0] is not None:

@@ -493,7 +493,8 @@ class VideoWriter:
         codecs = ["-c:a", "copy"] if copy else [*AUDIO_REENCODE, "-af", f"apad=whole_dur={float(duration):.6f}"]
         result = _run_ffmpeg(["-i", str(self._video_tmp), *audio_input, "-i", str(source.path),
                               "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", *codecs,
-                              "-t", f"{float(duration):.6f}", "-movflags", "+faststart", "-f", self._container, str(muxed)])
+                              "-t", f"{float(duration):.6f}", "-movflags", "+faststart", "-f", self._container,
+                              str(muxed)])
         if result.returncode != 0:
             raise OSError(f"{self.path}: could not add the audio track of {source.path}: {_last_line(result.stderr)}")
         if not copy:
