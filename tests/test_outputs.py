@@ -373,3 +373,17 @@ def test_library_call_streams_the_input_into_prores_with_adain(tiny_config, soft
     assert probe_video(result.output_path).num_frames == 17
     output = json.loads(result.sidecar_path.read_text())["output"]
     assert (output["codec"], output["crf"], output["color_fix"]) == ("prores", None, "adain")
+
+
+def test_a_failed_run_leaves_neither_video_nor_frames(tmp_path):
+    options = OutputOptions(codec="h265", bit_depth=10, frames_dir=True)
+    with pytest.raises(KeyboardInterrupt):
+        with OutputSink(options, tmp_path / "a.mp4", tmp_path / "a_frames", 8, 64, 16) as sink:
+            sink.append(sink.quantise(torch.rand(2, 3, 16, 64)))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with OutputSink(options, tmp_path / "a.mp4", tmp_path / "a_frames", 8, 64, 16) as sink:
+        video, frames = sink.quantise(torch.rand(2, 3, 16, 64))
+        assert frames is video and video.dtype == np.uint16  # one 16-bit copy serves both
+        sink.append([video, frames])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "a_frames"]
