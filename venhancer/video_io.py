@@ -364,7 +364,16 @@ def _run_ffmpeg(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it
+    # Linux reports it; setting and restoring it instead would briefly give files that other
+    # threads create meanwhile (the background model load, say) a umask of 0.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
