@@ -125,6 +125,8 @@ def bad_files(tmp_path_factory):
     fast = make_clip(folder / "fast.mp4", frames=48, extra=("-movflags", "+faststart"))
     data = fast.read_bytes()
     (folder / "fast_cut.mp4").write_bytes(data[: len(data) // 3])  # index kept, frame data lost
+    data = make_clip(folder / "m.mkv", frames=48).read_bytes()
+    (folder / "cut.mkv").write_bytes(data[: len(data) // 2])  # no index: the last clusters are lost
     make_clip(folder / "one.mp4", frames=1)
     subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", "sine=duration=1",
                     str(folder / "sound.mp4")], check=True)
@@ -137,6 +139,7 @@ def bad_files(tmp_path_factory):
     ("text.mp4", "not a readable video"),
     ("cut.mp4", "not a readable video"),
     ("fast_cut.mp4", "truncated video"),
+    ("cut.mkv", "truncated video: the header promises 6.00 s but the data ends after 1.75 s"),
     ("one.mp4", "single frame"),
     ("sound.mp4", "no video stream"),
 ])

@@ -52,6 +52,8 @@ _MATRICES = {"bt709": "bt709", "bt470bg": "bt601", "smpte170m": "bt601", "fcc": 
              "smpte240m": "smpte240m", "bt2020nc": "bt2020", "bt2020c": "bt2020"}
 _SCALE_FLAGS = "accurate_rnd+full_chroma_int"
 _NOPTS = -(2**63)
+# Streams ending before this share of the duration the header promises mean the data stops early.
+_TRUNCATION_RATIO = Fraction(3, 4)
 _PKT_DISCARD = 0x4  # AV_PKT_FLAG_DISCARD: a packet the demuxer reads but no frame is shown for
 
 
@@ -218,6 +220,22 @@ def _color_matrix(description: str) -> str:
     return "bt601"
 
 
+def _check_duration(path: Path, stderr: str, streams: list[_Stream]) -> None:
+    """A container (mkv, webm) cut short loses its last packets without any error; its header
+    still gives the full duration. The streams' own end is compared with it (the longest stream:
+    audio lasting longer than the video is no sign of damage)."""
+    m = re.search(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?), start: (-?\d+(?:\.\d+)?)", stderr)
+    ends = [s.end() for s in streams if s.pts]
+    if not m or not ends:
+        return
+    hours, minutes, seconds, start = m.groups()
+    promised = Fraction(int(hours) * 3600 + int(minutes) * 60) + Fraction(seconds)
+    found = max(ends) - Fraction(start)
+    if promised > 0 and found < _TRUNCATION_RATIO * promised:
+        raise VideoError(f"{path}: truncated video: the header promises {float(promised):.2f} s but the "
+                         f"data ends after {float(found):.2f} s")
+
+
 def _probe(path: Path) -> VideoInfo:
     """Metadata and packet timing of `path` from one ffmpeg run that copies (does not decode)
     the first video and the first audio stream into a packet listing."""
@@ -245,6 +263,7 @@ def _probe(path: Path) -> VideoInfo:
     count = len(video.pts)
     if "partial file" in stderr:
         raise VideoError(f"{path}: truncated video: the file ends after {count} of the frames its index lists")
+    _check_duration(path, stderr, [s for s in (video, audio) if s is not None])
     if count == 0:
         raise VideoError(f"{path}: video has no frames")
     if count == 1:
@@ -348,7 +367,16 @@ def _run_ffmpeg(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it
+    # Linux reports it; setting and restoring it instead would briefly give files that other
+    # threads create meanwhile (the background model load, say) a umask of 0.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
