@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import venhancer.outputs as outputs
 import venhancer.pipeline as pipeline
 from make_tiny_models import make_clip, make_tiny_models
 from venhancer.config import load_config
@@ -180,12 +181,12 @@ def test_decode_crop_clamp_and_truncation(enhancer, clip, tmp_path, monkeypatch)
     monkeypatch.setattr(pipeline, "decode_tiled", fake_decode)
     written = []
 
-    class Writer(pipeline.VideoWriter):
+    class Writer(outputs.VideoWriter):
         def append(self, frames):
             written.append(frames.copy())
             super().append(frames)
 
-    monkeypatch.setattr(pipeline, "VideoWriter", Writer)
+    monkeypatch.setattr(outputs, "VideoWriter", Writer)  # the writer OutputSink opens
     enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
     pixels = np.concatenate(written)
     assert pixels.shape == (17, 72, 112, 3) and pixels.dtype == np.uint8
@@ -198,7 +199,7 @@ def test_time_spent_waiting_for_the_writer_is_reported(enhancer, clip, tmp_path,
     ffmpeg's final flush happen while nothing is left to decode."""
     Spy(monkeypatch, "sample", lambda real, model, x_T, *a, **kw: x_T)
 
-    class SlowWriter(pipeline.VideoWriter):
+    class SlowWriter(outputs.VideoWriter):
         def append(self, frames):
             time.sleep(0.25)
             super().append(frames)
@@ -207,7 +208,7 @@ def test_time_spent_waiting_for_the_writer_is_reported(enhancer, clip, tmp_path,
             time.sleep(0.25)
             super().close()
 
-    monkeypatch.setattr(pipeline, "VideoWriter", SlowWriter)
+    monkeypatch.setattr(outputs, "VideoWriter", SlowWriter)
     timings = enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path).timings
     assert 0.45 <= timings["write_wait"] <= timings["decode_write"]
     assert read_video(tmp_path / "clip.mp4").frames.shape == (17, 72, 112, 3)
