@@ -30,6 +30,10 @@ function fmt(value) {
   return typeof value === "number" && !Number.isInteger(value) ? String(+value.toFixed(3)) : String(value);
 }
 
+function secs(seconds) {
+  return typeof seconds === "number" ? `${seconds.toFixed(1)} s` : "–";
+}
+
 function duration(seconds) {
   if (seconds === null || seconds === undefined || !isFinite(seconds)) return "…";
   const s = Math.max(0, Math.round(seconds));
@@ -255,7 +259,7 @@ async function showResult(job) {
       ["settings", Object.entries(s.settings).map(([k, v]) => `${k} ${fmt(v)}`).join(", ")],
       ["model", `${s.model.version} on ${s.model.device} (${s.model.dtype}${s.model.low_vram ? ", low VRAM" : ""})`],
       ["network evaluations", String(s.plan.network_evals)],
-      ["time", `${fmt(t.total)} s total: read ${fmt(t.read)}, encode ${fmt(t.encode)}, prompt ${fmt(t.text)}, denoise ${fmt(t.sample)}, decode + write ${fmt(t.decode_write)}`],
+      ["time", `${secs(t.total)} total: read ${secs(t.read)}, encode ${secs(t.encode)}, prompt ${secs(t.text)}, denoise ${secs(t.sample)}, decode + write ${secs(t.decode_write)}`],
     ].concat(t.peak_gpu_memory_reserved_GB ? [["peak GPU memory", `${fmt(t.peak_gpu_memory_reserved_GB)} GB reserved`]] : []));
   } catch (err) {
     showError(err.message);
