@@ -26,8 +26,8 @@ import pytest
 from make_tiny_models import make_clip, make_tiny_models
 from venhancer.config import load_config
 from venhancer.pipeline import EnhanceOptions, _ReportingBar, plan_video
-from venhancer.video_io import VideoError, probe_video
-from venhancer.web.server import safe_name
+from venhancer.video_io import VideoError, VideoInfo, probe_video
+from venhancer.web.server import Job, Runner, Source, safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # 9 frames at 8 fps, up_scale 2, target 16 fps: 17 frames of 112x72 at 16 fps (as in test_cli.py).
@@ -133,6 +133,29 @@ def test_upload_names_are_sanitised():
     assert safe_name(".hidden.mp4") == "hidden.mp4"
     assert safe_name("my clip (1).mp4") == "my_clip_1_.mp4"
     assert len(safe_name("a" * 500 + ".mp4")) <= 100 and safe_name("a" * 500 + ".mp4").endswith(".mp4")
+
+
+def test_models_that_fail_to_load_fail_the_jobs(tmp_path):
+    info = VideoInfo(tmp_path / "x.mp4", 56, 36, 8.0, 9, "h264", None)
+    plan = plan_video(info, EnhanceOptions(), load_config(None).planning)
+    jobs = [Job(f"{i:016x}", Source(info.path, "x.mp4", info), "p", EnhanceOptions(), plan, tmp_path / str(i))
+            for i in range(2)]
+    gate = threading.Event()
+
+    def load(progress):
+        gate.wait(30)
+        raise OSError("weights missing")
+
+    runner = Runner(load)
+    runner.start()
+    runner.submit(jobs[0])
+    assert runner.status(jobs[0].id)["models"] == "loading"
+    gate.set()
+    runner._thread.join(30)
+    status = runner.status(jobs[0].id)
+    assert (status["state"], status["error"]) == ("failed", "could not load the models: weights missing")
+    with pytest.raises(RuntimeError, match="^could not load the models: weights missing$"):
+        runner.submit(jobs[1])
 
 
 def test_bad_device_is_one_line_and_exit_2(tmp_path):
