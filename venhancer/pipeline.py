@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -269,6 +269,27 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+class _ReportingBar:
+    """A tqdm bar that also reports its count to `Enhancer.progress_callback` (a disabled tqdm
+    bar does not count, and the callback must work without a terminal)."""
+
+    def __init__(self, bar: tqdm, phase: str, total: int, callback: Callable[[str, int, int], None]):
+        self.bar, self.phase, self.total, self.done, self.callback = bar, phase, total, 0, callback
+
+    def __enter__(self) -> _ReportingBar:
+        self.bar.__enter__()
+        self.callback(self.phase, 0, self.total)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.bar.__exit__(*exc_info)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        self.callback(self.phase, self.done, self.total)
+
+
 class Enhancer:
     """The three models, loaded once; `enhance()` processes one video per call.
 
@@ -276,6 +297,8 @@ class Enhancer:
     version: "v1" (venhancer_paper.pt) or "v2" (venhancer_v2.pt); model_path overrides the checkpoint.
     device: "auto"/None, "cpu", "cuda", "cuda:N". dtype: None (auto), a torch dtype or its name.
     progress: show tqdm bars (on a terminal) for encoding, denoising and decoding.
+    progress_callback: called as (phase, done, total) where those bars start and advance, phase
+    "encode" or "decode" (frames) or "denoise" (solver steps); on the thread running the video.
     low_vram: True for small network passes (`InferenceOptions.low_vram`) and the VAE kept in CPU
     memory while denoising; None decides by the GPU's free memory (`LOW_VRAM_BELOW_GB`).
 
@@ -293,7 +316,8 @@ class Enhancer:
     def __init__(self, config: EnhancerConfig | str | os.PathLike | None = None, version: str = "v1",
                  model_path: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str | torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
-                 background_load: bool = False):
+                 background_load: bool = False,
+                 progress_callback: Optional[Callable[[str, int, int], None]] = None):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.config = config if isinstance(config, EnhancerConfig) else load_config(config)
@@ -301,6 +325,7 @@ class Enhancer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress = progress
+        self.progress_callback = progress_callback
         free_gb = torch.cuda.mem_get_info(self.device)[0] / 1e9 if self.device.type == "cuda" else None
         self.low_vram = self._choose_low_vram(low_vram, free_gb)
         self.share_branch_prefix = self._choose_branch_sharing(free_gb)
@@ -531,10 +556,11 @@ class Enhancer:
         timings[name] = time.perf_counter() - start
         logger.debug("%s took %.2f s", name, timings[name])
 
-    def _bar(self, total: int, desc: str) -> tqdm:
+    def _bar(self, total: int, desc: str) -> tqdm | _ReportingBar:
         # disable=None: bars only on a terminal, so logs and pipes stay clean.
-        return tqdm(total=total, desc=desc, unit="frame" if desc != "denoise" else "step",
-                    disable=None if self.progress else True, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=total, desc=desc, unit="frame" if desc != "denoise" else "step",
+                   disable=None if self.progress else True, leave=False, dynamic_ncols=True)
+        return bar if self.progress_callback is None else _ReportingBar(bar, desc, total, self.progress_callback)
 
     def _encode(self, frames: np.ndarray, plan: VideoPlan, generator: torch.Generator) -> torch.Tensor:
         """Key-frame latents (1, 4, n, h', w') of the resized, padded input frames (SPEC 1.1, 1.4, 1.6, 1.7)."""
