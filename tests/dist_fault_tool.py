@@ -42,14 +42,14 @@ def install(spec: str, rank: int) -> None:
     if int(where) != rank:
         return
     if kind == "read":
-        real_read = pipeline.read_video
+        real_read = pipeline.probe_video
 
-        def read_video(path, *args, **kwargs):
+        def probe_video(path, *args, **kwargs):
             if Path(path).name == arg:
                 raise VideoError(f"{Path(path).name}: injected read failure on process {rank}")
             return real_read(path, *args, **kwargs)
 
-        pipeline.read_video = read_video
+        pipeline.probe_video = probe_video
     elif kind == "network":
         real_forward = VEnhancerUNet.forward
         real_branches = VEnhancerUNet.forward_branches

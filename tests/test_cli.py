@@ -128,9 +128,9 @@ def test_folder_run_skips_bad_videos_resumes_and_overwrites(tiny_config, clips, 
 
 
 def test_first_video_is_decoded_once(tiny_config, tmp_path, capsys, monkeypatch):
-    """The input check decodes the first video fully and its run uses those frames; the other
-    videos are probed by the check and read by their runs. Two copies of one clip give the same
-    output either way."""
+    """Every video's frames are decoded once: the first one's by the input check (its run uses
+    them), the others' by their runs. Two copies of one clip give the same output either way."""
+    import venhancer.pipeline as pipeline
     import venhancer.video_io as video_io
 
     folder = tmp_path / "in"
@@ -138,18 +138,18 @@ def test_first_video_is_decoded_once(tiny_config, tmp_path, capsys, monkeypatch)
     make_clip(folder / "a.mp4")
     (folder / "b.mp4").write_bytes((folder / "a.mp4").read_bytes())
     decodes = []
-    decode = video_io._decode
+    decode = video_io.iter_frames
 
-    def counted(path, keep_frames):
-        decodes.append((Path(path).name, keep_frames))
-        return decode(path, keep_frames)
+    def counted(source, *args, **kwargs):
+        decodes.append(Path(getattr(source, "path", source)).name)
+        return decode(source, *args, **kwargs)
 
-    monkeypatch.setattr(video_io, "_decode", counted)
+    monkeypatch.setattr(video_io, "iter_frames", counted)
+    monkeypatch.setattr(pipeline, "iter_frames", counted)
     save = tmp_path / "results"
     code, log = run_main(capsys, "--config", tiny_config, "--input_path", folder, "--save_dir", save, *FAST)
     assert code == 0, log
-    assert decodes == [("a.mp4", True), ("b.mp4", False), ("b.mp4", True)]
-    monkeypatch.setattr(video_io, "_decode", decode)
+    assert decodes == ["a.mp4", "b.mp4"]
     first, second = (video_io.read_video(save / name).frames for name in ("a.mp4", "b.mp4"))
     assert np.array_equal(first, second)
     timings = [json.loads((save / name).read_text())["timings_s"]["read"] for name in ("a.json", "b.json")]

@@ -1,7 +1,9 @@
 """Enhancer internals with the tiny model set: what reaches the sampler, encoder and writer (SPEC 1)."""
 
 import json
+import os
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from make_tiny_models import make_clip, make_tiny_models
 from venhancer.config import load_config
 from venhancer.diffusion import diffuse
 from venhancer.pipeline import EnhanceError, Enhancer, EnhanceOptions, plan_video
-from venhancer.video_io import VideoInfo, read_video
+from venhancer.video_io import VideoInfo, probe_video, read_video
 
 NOISE_AUG = 150
 
@@ -99,6 +101,55 @@ def test_sampler_inputs_follow_spec(enhancer, clip, tmp_path, monkeypatch):
     assert sidecar["settings"]["noise_aug"] == NOISE_AUG and sidecar["prompt"] == "a test pattern"
     assert sidecar["output"] == {"path": str(result.output_path), "width": 112, "height": 72, "fps": 16.0,
                                  "frames": 17, "codec": "h264", "crf": 17, "pix_fmt": "yuv420p"}
+
+
+def test_prompt_and_negative_prompt_reach_their_branches(enhancer, clip, tmp_path, monkeypatch):
+    """The guided branch sees the caption (prompt + suffix), the unguided one the negative prompt."""
+    from venhancer.text_encoder import NEGATIVE_PROMPT, build_caption
+
+    sampler = Spy(monkeypatch, "sample", lambda real, model, x_T, *a, **kw: torch.zeros_like(x_T))
+    enhancer.enhance(clip, "a red ball", up_scale=2, target_fps=8, save_dir=tmp_path)
+    (_, _, cond, uncond), _ = sampler.calls[0]
+    with torch.inference_mode():
+        emb, _ = enhancer.text_encoder.encode([build_caption("a red ball"), NEGATIVE_PROMPT])
+    assert not torch.allclose(emb[0], emb[1])
+    torch.testing.assert_close(cond["y"], emb[0:1])
+    torch.testing.assert_close(uncond["y"], emb[1:2])
+
+
+def test_input_streams_and_output_keeps_aspect_audio_and_umask(enhancer, tmp_path, monkeypatch):
+    """Frames are decoded batch by batch as the encoder takes them; the output keeps the input's
+    pixel aspect ratio and audio, and the video and its sidecar get the umask's permissions."""
+    clip = make_clip(tmp_path / "ana.mp4", frames=9, audio=True, extra=("-vf", "setsar=4/3"))
+    batches = []
+
+    def recorded(real, *args, **kwargs):
+        for batch in real(*args, **kwargs):
+            batches.append(batch.shape[0])
+            yield batch
+
+    Spy(monkeypatch, "iter_frames", recorded)
+    Spy(monkeypatch, "sample", lambda real, model, x_T, *a, **kw: torch.zeros_like(x_T))
+    old = os.umask(0o027)
+    try:
+        result = enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert batches == [pipeline._FRAME_BATCH, 1]
+    info = probe_video(result.output_path)
+    assert info.sar == Fraction(4, 3) and info.has_audio and info.num_frames == 17
+    assert result.output_path.stat().st_mode & 0o777 == 0o640
+    assert result.sidecar_path.stat().st_mode & 0o777 == 0o640
+
+
+def test_host_memory_shortage_is_reported_as_such(enhancer, clip, tmp_path, monkeypatch):
+    def no_memory(real, *args, **kwargs):
+        raise MemoryError("cannot allocate 3.0 GB")
+
+    Spy(monkeypatch, "iter_frames", no_memory)
+    with pytest.raises(EnhanceError, match=r"clip\.mp4: out of host memory while encoding frames: cannot allocate"):
+        enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_noise_aug_zero_keeps_key_latents(enhancer, clip, tmp_path, monkeypatch):

@@ -19,10 +19,11 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,7 +51,7 @@ from venhancer.planning import (
     target_resolution,
 )
 from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
-from venhancer.video_io import Video, VideoInfo, VideoWriter, read_video
+from venhancer.video_io import Video, VideoInfo, VideoWriter, apply_umask, iter_frames, probe_video
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,11 @@ class VideoPlan:
     windows: list[tuple[int, int]]  # temporal windows of the denoiser
     denoise_steps: int  # network evaluations per branch and window
     branches: int  # 2 with classifier-free guidance, 1 when cfg == 1
+    out_rate: Optional[Fraction] = None  # out_fps exactly (None: from out_fps)
+
+    def __post_init__(self) -> None:
+        if self.out_rate is None:
+            object.__setattr__(self, "out_rate", Fraction(self.out_fps).limit_denominator(1_000_000))
 
     @property
     def padded_size(self) -> tuple[int, int]:
@@ -177,17 +183,21 @@ class VideoPlan:
 
 
 def plan_video(info: VideoInfo, options: EnhanceOptions, planning: PlanningConfig) -> VideoPlan:
-    """Sizes, frame counts and windows of enhancing `info` (SPEC 1.2, 1.3, 1.6, 5)."""
-    k = interp_frames(info.fps, options.target_fps)
+    """Sizes, frame counts and windows of enhancing `info` (SPEC 1.2, 1.3, 1.6, 5).
+
+    The rates are exact fractions: 24 fps over 48/7 fps is 3.5, which rounds to 4 (k = 3)."""
+    # Fractions on both sides: a float target would make the quotient a float again.
+    k = interp_frames(info.rate, Fraction(options.target_fps))
+    out_rate = output_fps(info.rate, k)
     frames = output_frame_count(info.num_frames, k)
     height, width = target_resolution(info.height, info.width, options.up_scale,
                                       area_min=planning.area_min, area_max=planning.area_max)
     padding = pad_to_fit(height, width, min_height=planning.pad_min[0], min_width=planning.pad_min[1])
     windows = chunk_windows(frames, k, max_len=planning.chunk_len, overlap=planning.chunk_overlap)
-    return VideoPlan(input=info, k=k, out_fps=output_fps(info.fps, k), out_frames=frames,
+    return VideoPlan(input=info, k=k, out_fps=float(out_rate), out_frames=frames,
                      height=height, width=width, padding=padding, windows=windows,
                      denoise_steps=num_model_evals(options.solver_mode, options.steps),
-                     branches=1 if options.cfg == 1 else 2)
+                     branches=1 if options.cfg == 1 else 2, out_rate=out_rate)
 
 
 @dataclass
@@ -263,6 +273,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -451,9 +462,10 @@ class Enhancer:
     def run(self, path: str | os.PathLike, prompt: str, options: EnhanceOptions,
             save_dir: str | os.PathLike = "results", overwrite: bool = False,
             video: Optional[Video] = None) -> EnhanceResult:
-        """`enhance` with validated options. `video`: `path` already decoded by `read_video` (the
-        CLI decodes the first video fully when it checks the inputs, so that it is not decoded
-        twice on the way to the first denoising step); the `read` timing is then ~0."""
+        """`enhance` with validated options. `video`: `path` already decoded by `read_video`
+        (its frames are used as they are). Without it the input is probed and its frames are
+        decoded batch by batch as the encoder takes them, so host memory is bounded by a batch,
+        not by the clip."""
         path = Path(path)
         # Window sharding: every process runs this in lockstep; a failure on one, up to denoising,
         # stops all (`_together`); only the writer creates, checks and writes outputs.
@@ -482,9 +494,8 @@ class Enhancer:
             with torch.inference_mode():
                 with self._together():
                     with self._phase("read", timings):
-                        if video is None:
-                            video = read_video(path)
-                    plan = plan_video(video.info, options, self.planning)
+                        info = probe_video(path) if video is None else video.info
+                    plan = plan_video(info, options, self.planning)
                     logger.info("%s: %s", path.name, plan.describe())
                     generator = torch.Generator(device=self.device).manual_seed(options.seed)
                     # The prompt on the worker while this thread encodes the frames (not in
@@ -494,7 +505,12 @@ class Enhancer:
                         text = self._worker.submit(self._on_worker, self._encode_text, prompt, path)
                     phase = "encoding frames"
                     with self._phase("encode", timings):
-                        z_key = self._encode(video.frames, plan, generator)
+                        if video is None:
+                            batches: Iterable[np.ndarray] = iter_frames(info, batch=_FRAME_BATCH)
+                        else:
+                            batches = (video.frames[i:i + _FRAME_BATCH]
+                                       for i in range(0, info.num_frames, _FRAME_BATCH))
+                        z_key = self._encode(batches, plan, generator)
                     phase = "encoding the prompt"
                     with self._phase("text", timings):  # with the worker: the wait for it
                         if text is None:
@@ -523,6 +539,8 @@ class Enhancer:
             raise EnhanceError(
                 f"{path.name}: out of {self.device.type.upper()} memory {where}{size}: "
                 f"{hint}lower --up_scale (e.g. 2), lower --target_fps, or enhance a shorter clip") from exc
+        except MemoryError as exc:
+            raise EnhanceError(f"{path.name}: out of host memory while {phase}: {exc or 'allocation failed'}") from exc
         timings["total"] = time.perf_counter() - start
         if self.device.type == "cuda":
             timings["peak_gpu_memory_reserved_GB"] = torch.cuda.max_memory_reserved(self.device) / 1e9
@@ -562,18 +580,21 @@ class Enhancer:
                    disable=None if self.progress else True, leave=False, dynamic_ncols=True)
         return bar if self.progress_callback is None else _ReportingBar(bar, desc, total, self.progress_callback)
 
-    def _encode(self, frames: np.ndarray, plan: VideoPlan, generator: torch.Generator) -> torch.Tensor:
-        """Key-frame latents (1, 4, n, h', w') of the resized, padded input frames (SPEC 1.1, 1.4, 1.6, 1.7)."""
-        n = frames.shape[0]
+    def _encode(self, batches: Iterable[np.ndarray], plan: VideoPlan, generator: torch.Generator) -> torch.Tensor:
+        """Key-frame latents (1, 4, n, h', w') of the resized, padded input frames (SPEC 1.1, 1.4, 1.6, 1.7).
+
+        batches: the n input frames in order, a few at a time (uint8 RGB (b, h, w, 3))."""
+        n = plan.input.num_frames
         lat_h, lat_w = plan.latent_size
         # Posterior noise for all frames up front: the latents do not depend on the batching.
         noise = torch.randn((n, self.vae.config.latent_channels, lat_h, lat_w), generator=generator,
                             device=self.device, dtype=torch.float32)
         latents = []
         started = time.perf_counter()
+        begin = 0
         with self._bar(n, "encode") as bar:
-            for begin in range(0, n, _FRAME_BATCH):
-                batch = torch.from_numpy(frames[begin:begin + _FRAME_BATCH]).to(self.device)
+            for frames in batches:
+                batch = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
                 x = batch.permute(0, 3, 1, 2).float() / 255 * 2 - 1
                 x = F.interpolate(x, size=(plan.height, plan.width), mode="bilinear",
                                   align_corners=False, antialias=False)
@@ -585,6 +606,9 @@ class Enhancer:
                         torch.cuda.synchronize(self.device)
                     logger.debug("encoded frames %d-%d at %.2f s", begin, begin + x.shape[0] - 1,
                                  time.perf_counter() - started)
+                begin += x.shape[0]
+        if begin != n:
+            raise EnhanceError(f"{plan.input.path.name}: {begin} frames were decoded, {n} expected")
         return torch.cat(latents, dim=2)
 
     def _encode_text(self, prompt: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -671,7 +695,8 @@ class Enhancer:
         left, _, top, _ = plan.padding
         planning = self.planning
         audio = plan.input.path if plan.input.has_audio else None
-        with VideoWriter(out_path, plan.out_fps, plan.width, plan.height, audio_source=audio) as writer, \
+        with VideoWriter(out_path, plan.out_rate, plan.width, plan.height, audio_source=audio,
+                         sar=plan.input.sar) as writer, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="venhancer-writer") as pool, \
                 self._bar(plan.out_frames, "decode") as bar:
             pending: Future | None = None
@@ -698,7 +723,8 @@ class Enhancer:
         return {
             "tool": f"venhancer {__version__}",
             "input": {"path": str(path), "width": info.width, "height": info.height, "fps": info.fps,
-                      "frames": info.num_frames, "audio": info.audio_codec},
+                      "frames": info.num_frames, "audio": info.audio_codec, "color_matrix": info.color_matrix,
+                      "sar": str(info.sar)},
             "output": {"path": str(out_path), "width": plan.width, "height": plan.height, "fps": plan.out_fps,
                        "frames": plan.out_frames, "codec": "h264", "crf": 17, "pix_fmt": "yuv420p"},
             "prompt": prompt,
