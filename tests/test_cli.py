@@ -193,7 +193,7 @@ def test_dry_run_loads_no_weights(tiny_config, clips, tmp_path, capsys):
     assert code == 0, log
     assert "warning: noise_aug 400 is outside [0, 300]; using 300" in log
     assert ("input 56x36 @ 8 fps, 9 frames -> output 112x72 @ 16 fps, 17 frames (1 inserted per pair); "
-            "network input 128x80 (latent 16x10); temporal windows [(0, 7), (4, 11), (8, 17)]; "
+            "network input 128x80 (latent 16x10); temporal windows [(0, 9), (4, 13), (8, 17)]; "
             "network evaluations 2 steps x 2 branches x 3 windows = 12") in log
     assert "loading" not in log
     assert not save.exists()

@@ -230,7 +230,7 @@ def test_long_clip_two_processes_share_windows(setup, tmp_path):
     code, log = launch([TOOL, "--config", config, "--input_path", folder / "b_long.mp4", "--save_dir", save, *FAST],
                        nproc=2)
     assert code == 0, log
-    assert "temporal windows [(0, 7), (4, 11), (8, 15), (12, 19), (16, 23), (20, 27), (24, 33)]" in log
+    assert "temporal windows [(0, 9), (4, 13), (8, 17), (12, 21), (16, 25), (20, 29), (24, 33)]" in log
     assert sorted(p.name for p in save.iterdir()) == ["b_long.json", "b_long.mp4"]
     assert np.array_equal(frames(save / "b_long.mp4"), frames(reference / "b_long.mp4"))
     assert json.loads((save / "b_long.json").read_text())["distributed"] == {"processes": 2, "sharding": "windows"}
