@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from make_tiny_models import make_clip, make_tiny_models
+
 from venhancer import cli
 from venhancer.video_io import ffmpeg_exe, probe_video
 

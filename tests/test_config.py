@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from venhancer import planning
 from venhancer.config import DEFAULT_CONFIG_PATH, EnhancerConfig, load_config
 from venhancer.models import UNetConfig
-from venhancer import planning
 
 
 def write(tmp_path, data, name="cfg.json"):

@@ -111,7 +111,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     d = EnhanceOptions.defaults()  # one source for the run settings' defaults
     p = _Parser(
-        prog="enhance_a_video.py",
         description="VEnhancer: spatial and temporal super-resolution and refinement of videos "
                     "with one video diffusion model.",
         formatter_class=_HelpFormatter,

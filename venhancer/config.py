@@ -19,7 +19,16 @@ from venhancer.models.config import UNetConfig
 from venhancer.options import first_line
 from venhancer.planning import MAX_INSERTED, chunk_window_params
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "venhancer.json"
+
+def _packaged_config() -> Path:
+    """configs/venhancer.json: installed as venhancer/configs/ (pyproject.toml), or at the top of
+    a checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs" / "venhancer.json"
+    return installed if installed.is_file() else package.parent / "configs" / "venhancer.json"
+
+
+DEFAULT_CONFIG_PATH = _packaged_config()
 DEFAULT_CKPT_DIR = "ckpts"
 
 
