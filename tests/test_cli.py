@@ -589,3 +589,21 @@ def test_failed_video_is_named_once(tiny_config, tmp_path, capsys, monkeypatch):
     assert code == 1
     assert re.search(r"^error: failed: 000000\.mp4: out of CPU memory while denoising", log, re.M), log
     assert "000000.mp4: 000000.mp4" not in log
+
+
+def test_console_script_is_the_tool():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"] == {"venhancer": "venhancer.cli:main"}
+    assert "main" in (ROOT / "enhance_a_video.py").read_text()
+    listed = {line.split(">=")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert listed == {d.split(">=")[0] for d in project["dependencies"]}
+
+
+def test_run_defaults_have_one_source():
+    from venhancer.options import EnhanceOptions
+
+    args = vars(cli.build_parser().parse_args(["--input_path", "x"]))
+    assert {k: args[k] for k in EnhanceOptions.defaults()} == EnhanceOptions.defaults()

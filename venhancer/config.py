@@ -71,6 +71,9 @@ class VaeConfig:
 
 @dataclass(frozen=True)
 class PlanningConfig:
+    """Sizes and windows of a run. configs/venhancer.json holds the values (no defaults here);
+    venhancer.planning's constants are the reference's, which tests compare with that file."""
+
     area_min: float
     area_max: float
     chunk_len: int
@@ -81,7 +84,7 @@ class PlanningConfig:
     vae_frame_overlap: int
     # Smallest padded frame (height, width) handed to the network: 720x1280 in the reference;
     # tiny test configs use less. Keep height % 64 == 16 and width % 64 == 0.
-    pad_min: tuple[int, int] = (720, 1280)
+    pad_min: tuple[int, int]
 
 
 @dataclass(frozen=True)

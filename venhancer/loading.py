@@ -19,6 +19,7 @@ from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, t
 
 from venhancer.config import EnhancerConfig
 from venhancer.models import UNetConfig, VEnhancerUNet
+from venhancer.options import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ _STATE_DICT_WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    text = first_line(exc)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _torch_load(path: Path):
