@@ -400,8 +400,30 @@ def test_video_without_sidecar_is_not_finished(tiny_config, tmp_path, capsys, mo
     assert "warning: clip.mp4: " in log and "has no clip.json" in log
     assert "1 enhanced, 0 skipped" in log
     assert sorted(p.name for p in save.iterdir()) == ["clip.json", "clip.mp4"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (save / "clip.json").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
     code, log = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, *FAST)
     assert code == 0 and "0 enhanced, 1 skipped" in log
+
+
+def test_overwrite_that_stops_leaves_an_unfinished_output(tiny_config, tmp_path, capsys, monkeypatch):
+    """--overwrite replaces the video, then the sidecar: stopped between, the old sidecar must not
+    vouch for the new video."""
+    import venhancer.pipeline as pipeline
+
+    clip = make_clip(tmp_path / "clip.mp4")
+    save = tmp_path / "results"
+    assert run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, *FAST)[0] == 0
+
+    def stopped(path, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_write_json_atomic", stopped)
+    code, _ = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, "--overwrite",
+                       *FAST)
+    assert code == 130
+    assert sorted(p.name for p in save.iterdir()) == ["clip.mp4"]
 
 
 def test_too_long_name_fails_before_loading(tiny_config, clips, tmp_path, capsys):

@@ -11,6 +11,7 @@ files exist.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -51,6 +52,15 @@ def prepare_save_dir(save_dir: Path) -> Path:
     except OSError as exc:
         raise OSError(f"save directory {save_dir} cannot be created or written: {exc.strerror or exc}") from exc
     return save_dir
+
+
+@functools.cache
+def new_file_mode() -> int:
+    """The permissions an ordinary new file gets here (0666 less the umask), for files made with
+    tempfile.mkstemp (always 0600) and then renamed into place."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -43,6 +43,7 @@ from venhancer.options import MAX_UP_SCALE, SOLVER_MODES, EnhanceOptions  # noqa
 from venhancer.outputs import (
     check_output_names,
     is_finished,
+    new_file_mode,
     output_path_for,
     prepare_save_dir,
     remove_stale_partials,
@@ -200,6 +201,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     # The temporary name follows venhancer.outputs (checked, and cleaned after a killed run, there).
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.json", dir=path.parent)
     try:
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would keep the sidecar from the user's group
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -431,6 +433,9 @@ class Enhancer:
                 if not writes:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
+                # The video is about to be replaced: an old sidecar would vouch for it should this
+                # run stop before writing the new one (an output is finished when both exist).
+                sidecar.unlink(missing_ok=True)
                 with self._phase("decode_write", timings):
                     timings["write_wait"] = self._decode_and_write(x0, plan, out_path)
         except torch.OutOfMemoryError as exc:
