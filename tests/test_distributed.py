@@ -269,7 +269,7 @@ def test_bad_input_on_one_process_sharing_videos(setup, tmp_path):
     assert sorted(p.name for p in save.iterdir()) == ["a.json", "a.mp4"]
     assert "[rank 1] error: b_long.mp4: injected read failure on process 1" in log
     assert lines(log, "summary:") == ["summary: 1 enhanced, 0 skipped (output exists), 1 failed"]
-    assert "error: failed: b_long.mp4: b_long.mp4: injected read failure on process 1" in lines(log, "error:")
+    assert "error: failed: b_long.mp4: injected read failure on process 1" in lines(log, "error:")  # named once
 
 
 @pytest.mark.parametrize("fault,message", [
