@@ -629,3 +629,20 @@ def test_run_defaults_have_one_source():
 
     args = vars(cli.build_parser().parse_args(["--input_path", "x"]))
     assert {k: args[k] for k in EnhanceOptions.defaults()} == EnhanceOptions.defaults()
+
+
+def test_case_insensitive_file_systems_are_respected(tmp_path, monkeypatch):
+    """Where names ignore case, a.mov's output a.mp4 is the input A.mp4."""
+    from venhancer.options import EnhanceOptions
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    videos = [folder / "A.mp4", folder / "a.mov"]
+    for video in videos:
+        video.write_bytes(b"x")
+    request = cli.Request(EnhanceOptions(), videos, ["p", "p"], folder, videos)
+    assert [name for name, _ in cli.plan_jobs(request, overwrite=True).failed] == ["A.mp4"]
+    monkeypatch.setattr(cli, "is_case_insensitive", lambda folder: True)
+    failed = cli.plan_jobs(request, overwrite=True).failed
+    assert [name for name, _ in failed] == ["A.mp4", "a.mov"]
+    assert "would overwrite the input" in failed[1][1] and "A.mp4" in failed[1][1]

@@ -4,6 +4,11 @@ Every failure the user can cause (bad path, unusable video, bad option, missing 
 absent GPU, out of memory) ends as one log line and a non-zero exit code, never a traceback; the
 full traceback of an unexpected error is logged at --log_level debug.
 
+A run is a sequence of steps: `check_arguments` (options, videos, prompts; before torch is
+imported, so a typo is reported at once), `_prepare` (config, device, save folder), `_check_videos`
+(`plan_jobs`: each output, never over an input; then every video probed and planned), `_load`
+(every missing weight file asked about before any download), `_run_jobs`, and the summary.
+
 Under torchrun the same command runs on several processes (venhancer.distributed): rank 0 checks
 the inputs and hands out the work, logs at the chosen level and prints the summary; the other
 processes log warnings and errors only, prefixed with their rank.
