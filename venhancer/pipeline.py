@@ -32,10 +32,16 @@ from tqdm import tqdm
 
 from venhancer import __version__
 from venhancer.config import EnhancerConfig, PlanningConfig, load_config
-from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
+from venhancer.diffusion import T_MAX, noise_hint, num_model_evals, sample, start_latent
 from venhancer.diffusion.chunking import evaluate_sequential, evaluate_shared_prefix
 from venhancer.distributed import PeerOutOfMemory, solo
-from venhancer.loading import check_weights_available, load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
+from venhancer.loading import (
+    check_weights_available,
+    load_unet_cached,
+    resolve_text_encoder_weights,
+    resolve_unet_checkpoint,
+    resolve_vae,
+)
 from venhancer.models import VEnhancerUNet
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
