@@ -273,7 +273,7 @@ def test_bad_input_on_one_process_sharing_videos(setup, tmp_path):
 
 
 @pytest.mark.parametrize("fault,message", [
-    ("1:read:b_long.mp4", "error: process 1 failed: b_long.mp4: injected read failure on process 1"),
+    ("1:read:b_long.mp4", "error: b_long.mp4: process 1 failed: injected read failure on process 1"),
     ("1:network:3", "error: b_long.mp4: process 1 failed: injected network failure on process 1"),
     ("1:merge:1", "error: b_long.mp4: out of CPU memory on process 1 (112x72, 33 frames): lower --up_scale (e.g. 2), "
                   "lower --target_fps, or enhance a shorter clip"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,10 +221,9 @@ def _reason(video: Path, exc: BaseException) -> str:
     """The first line of a video's error, without the video's name or path in front (the summary
     line names the video already)."""
     text = first_line(exc)
-    for prefix in (f"{video}: ", f"{video.name}: "):
-        if text.startswith(prefix):
-            return text[len(prefix):]
-    return text
+    # Another process's failure reads "process N failed: <its message>".
+    match = re.match(rf"(process \d+ failed: )?(?:{re.escape(str(video))}|{re.escape(video.name)}): ", text)
+    return text if match is None else (match.group(1) or "") + text[match.end():]
 
 
 def _summary(done: list[str], skipped: list[str], failed: list[tuple[str, str]], verb: str) -> None:
