@@ -531,6 +531,10 @@ def test_missing_input_is_reported_before_torch_loads(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout.strip() == "torch not loaded"
     assert error_lines(proc.stderr) == ["error: input path not found: no/such/clip.mp4"]
+    proc = subprocess.run([sys.executable, "-c", script.replace("'no/such/clip.mp4'", "'x', '--config', 'no.json'")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.stdout.strip() == "torch not loaded" and proc.returncode == 2
+    assert error_lines(proc.stderr) == ["error: config file not found: no.json"]
 
 
 def test_usage_errors_are_one_line(capsys):

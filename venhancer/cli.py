@@ -328,6 +328,8 @@ def check_arguments(args: argparse.Namespace) -> Request:
     device = (args.device or "auto").split(":")[0]
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unsupported device {args.device!r}; use auto, cpu, cuda or cuda:N")
+    if args.config and not Path(args.config).is_file():
+        raise UsageError(f"config file not found: {args.config}")
     videos = collect_videos(Path(args.input_path))
     prompts = resolve_prompts(videos, args.prompt, args.prompt_path, args.filename_as_prompt)
     inputs = [*videos, *(v.with_suffix(".txt") for v in videos)]
