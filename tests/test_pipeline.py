@@ -94,7 +94,7 @@ def test_sampler_inputs_follow_spec(enhancer, clip, tmp_path, monkeypatch):
         assert uncond[key] is cond[key]
     assert kwargs["solver_mode"] == "normal" and kwargs["steps"] == 3
     assert kwargs["guide_scale"] == 5.0 and kwargs["guide_rescale"] == 0.2
-    assert kwargs["windows"] == [(0, 7), (4, 11), (8, 17)]
+    assert kwargs["windows"] == [(0, 9), (4, 13), (8, 17)]
 
     assert result.plan.out_frames == 17 and (result.plan.width, result.plan.height) == (112, 72)
     sidecar = json.loads(result.sidecar_path.read_text())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -34,13 +33,29 @@ from tqdm import tqdm
 
 from venhancer import __version__
 from venhancer.config import EnhancerConfig, PlanningConfig, load_config
-from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
+from venhancer.diffusion import T_MAX, noise_hint, num_model_evals, sample, start_latent
 from venhancer.diffusion.chunking import evaluate_sequential, evaluate_shared_prefix
 from venhancer.distributed import PeerOutOfMemory, solo
-from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
+from venhancer.loading import (
+    check_weights_available,
+    load_unet_cached,
+    resolve_text_encoder_weights,
+    resolve_unet_checkpoint,
+    resolve_vae,
+)
 from venhancer.models import VEnhancerUNet
 from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
+from venhancer.options import MAX_UP_SCALE, SOLVER_MODES, EnhanceOptions  # noqa: F401  (this module's API)
+from venhancer.outputs import (
+    check_output_names,
+    is_finished,
+    new_file_mode,
+    output_path_for,
+    prepare_save_dir,
+    remove_stale_partials,
+    sidecar_path_for,
+)
 from venhancer.planning import (
     chunk_windows,
     interp_frames,
@@ -55,10 +70,8 @@ from venhancer.video_io import Video, VideoInfo, VideoWriter, apply_umask, iter_
 
 logger = logging.getLogger(__name__)
 
-SOLVER_MODES = ("fast", "normal")
 VERSIONS = ("v1", "v2")
 GUIDE_RESCALE = 0.2
-MAX_UP_SCALE = 8.0
 LATENT_FACTOR = 8
 # Frames resized and padded at once before encoding: bounds the full-resolution float tensors.
 _FRAME_BATCH = 8
@@ -79,62 +92,6 @@ class ModelLoadError(RuntimeError):
 
 class DeviceError(RuntimeError):
     """The requested device does not exist on this machine."""
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-@dataclass(frozen=True)
-class EnhanceOptions:
-    """Per-video settings; defaults are the reference's. Invalid values raise ValueError."""
-
-    up_scale: float = 4.0
-    target_fps: float = 24.0
-    noise_aug: int = 200
-    solver_mode: str = "fast"
-    steps: int = 15
-    cfg: float = 7.5
-    s_cond: float = 8.0
-    seed: int = 666
-
-    def __post_init__(self) -> None:
-        up_scale = _finite("up_scale", self.up_scale)
-        if not 0 < up_scale <= MAX_UP_SCALE:
-            raise ValueError(f"up_scale must be in (0, {MAX_UP_SCALE:g}], got {self.up_scale!r}")
-        target_fps = _finite("target_fps", self.target_fps)
-        if target_fps <= 0:
-            raise ValueError(f"target_fps must be > 0, got {self.target_fps!r}")
-        noise_aug = _integer("noise_aug", self.noise_aug)
-        if not 0 <= noise_aug <= NOISE_AUG_MAX:
-            clamped = min(max(noise_aug, 0), NOISE_AUG_MAX)
-            logger.warning("noise_aug %d is outside [0, %d]; using %d", noise_aug, NOISE_AUG_MAX, clamped)
-            noise_aug = clamped
-        if self.solver_mode not in SOLVER_MODES:
-            raise ValueError(f"solver_mode must be one of {SOLVER_MODES}, got {self.solver_mode!r}")
-        steps = _integer("steps", self.steps)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps!r}")
-        cfg = _finite("cfg", self.cfg)
-        if cfg < 1:
-            raise ValueError(f"cfg (guidance scale) must be >= 1, got {self.cfg!r}")
-        s_cond = _finite("s_cond", self.s_cond)
-        if s_cond < 0:
-            raise ValueError(f"s_cond must be >= 0, got {self.s_cond!r}")
-        seed = _integer("seed", self.seed)
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
-        for name, value in (("up_scale", up_scale), ("target_fps", target_fps), ("noise_aug", noise_aug),
-                            ("steps", steps), ("cfg", cfg), ("s_cond", s_cond), ("seed", seed)):
-            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)
@@ -192,6 +149,10 @@ def plan_video(info: VideoInfo, options: EnhanceOptions, planning: PlanningConfi
     frames = output_frame_count(info.num_frames, k)
     height, width = target_resolution(info.height, info.width, options.up_scale,
                                       area_min=planning.area_min, area_max=planning.area_max)
+    if min(height, width) < 2:
+        raise ValueError(f"input {info.width}x{info.height} at up_scale {options.up_scale:g} gives an output of "
+                         f"{width}x{height} (the output area is bounded); an aspect ratio this extreme "
+                         "cannot be enhanced")
     padding = pad_to_fit(height, width, min_height=planning.pad_min[0], min_width=planning.pad_min[1])
     windows = chunk_windows(frames, k, max_len=planning.chunk_len, overlap=planning.chunk_overlap)
     return VideoPlan(input=info, k=k, out_fps=float(out_rate), out_frames=frames,
@@ -219,6 +180,8 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise DeviceError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"unsupported device {name!r}: only cpu and cuda are supported (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device {name!r} requested but CUDA is not available "
@@ -242,23 +205,6 @@ def resolve_dtype(name: Optional[str | torch.dtype], device: torch.device) -> to
     return DTYPES[name]
 
 
-def output_path_for(video: Path, save_dir: Path) -> Path:
-    """Output name of the reference: the input stem + .mp4 inside the save directory."""
-    return Path(save_dir) / f"{Path(video).stem}.mp4"
-
-
-def prepare_save_dir(save_dir: Path) -> Path:
-    """Create `save_dir` if needed and prove it is writable; raises OSError with a one-line message."""
-    save_dir = Path(save_dir)
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=save_dir):
-            pass
-    except OSError as exc:
-        raise OSError(f"save directory {save_dir} cannot be created or written: {exc.strerror or exc}") from exc
-    return save_dir
-
-
 def _loaded(future: Future, what: str) -> Any:
     """The result of a background load; its failure as ModelLoadError."""
     try:
@@ -268,8 +214,10 @@ def _loaded(future: Future, what: str) -> Any:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    # The temporary name follows venhancer.outputs (checked, and cleaned after a killed run, there).
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.json", dir=path.parent)
     try:
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would keep the sidecar from the user's group
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -343,7 +291,9 @@ class Enhancer:
         self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
         self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
         self.solver_step_seconds: list[float] = []  # of the running video, one entry per solver step
-        # Resolve (and download if needed) every file before loading any: a missing one fails fast.
+        # Resolve (and download if needed) every file before loading any: a missing one fails fast,
+        # and an unreachable or gated one before any other is downloaded.
+        check_weights_available(self.config, version, model_path or None)
         self.unet_path = resolve_unet_checkpoint(self.config, version, model_path or None)
         text_path = resolve_text_encoder_weights(self.config)
         vae_source = resolve_vae(self.config)
@@ -446,18 +396,16 @@ class Enhancer:
     def planning(self) -> PlanningConfig:
         return self.config.planning
 
-    def enhance(self, path: str | os.PathLike, prompt: str = "a good video", up_scale: float = 4,
-                target_fps: float = 24, noise_aug: int = 200, solver_mode: str = "fast", steps: int = 15,
-                cfg: float = 7.5, s_cond: float = 8, seed: int = 666, save_dir: str | os.PathLike = "results",
-                overwrite: bool = False) -> EnhanceResult:
+    def enhance(self, path: str | os.PathLike, prompt: str = "a good video", save_dir: str | os.PathLike = "results",
+                overwrite: bool = False, **settings: Any) -> EnhanceResult:
         """Enhance one video into `save_dir/<stem>.mp4` (plus `<stem>.json` with the settings).
 
-        An existing output is kept (result.skipped) unless overwrite. Raises VideoError for unusable
-        input, ValueError for bad settings, EnhanceError when the GPU runs out of memory.
+        settings: the fields of `EnhanceOptions` (up_scale, target_fps, noise_aug, solver_mode,
+        steps, cfg, s_cond, seed), with its defaults. A finished output (video and sidecar) is kept
+        (result.skipped) unless overwrite. Raises VideoError for unusable input, ValueError for bad
+        settings or an output that would replace the input, EnhanceError when the GPU runs out of memory.
         """
-        options = EnhanceOptions(up_scale=up_scale, target_fps=target_fps, noise_aug=noise_aug,
-                                 solver_mode=solver_mode, steps=steps, cfg=cfg, s_cond=s_cond, seed=seed)
-        return self.run(path, prompt, options, save_dir, overwrite)
+        return self.run(path, prompt, EnhanceOptions(**settings), save_dir, overwrite)
 
     def run(self, path: str | os.PathLike, prompt: str, options: EnhanceOptions,
             save_dir: str | os.PathLike = "results", overwrite: bool = False,
@@ -471,13 +419,17 @@ class Enhancer:
         # stops all (`_together`); only the writer creates, checks and writes outputs.
         writes = self.sharding is None or self.sharding.is_writer
         out_path = output_path_for(path, Path(save_dir))
-        sidecar = out_path.with_suffix(".json")
+        sidecar = sidecar_path_for(out_path)
         with self._together() as skip:
             if writes:
                 prepare_save_dir(Path(save_dir))
-                if path.exists() and out_path.exists() and out_path.resolve() == path.resolve():
-                    raise ValueError(f"{path}: the output would overwrite the input; choose another save directory")
-                skip.value = out_path.exists() and not overwrite
+                for target in (out_path, sidecar):
+                    if path.exists() and target.exists() and os.path.samefile(target, path):
+                        raise ValueError(f"{path}: the output would overwrite the input; choose another save directory")
+                check_output_names(out_path)
+                skip.value = is_finished(out_path) and not overwrite
+                if not skip.value:
+                    remove_stale_partials(out_path, keep=(path,))
         if skip.value:
             logger.info("%s: %s exists, skipping (use --overwrite to redo)", path.name, out_path)
             return EnhanceResult(path, out_path, sidecar if sidecar.exists() else None, True, prompt)
@@ -528,6 +480,9 @@ class Enhancer:
                 if not writes:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
+                # The video is about to be replaced: an old sidecar would vouch for it should this
+                # run stop before writing the new one (an output is finished when both exist).
+                sidecar.unlink(missing_ok=True)
                 with self._phase("decode_write", timings):
                     timings["write_wait"] = self._decode_and_write(x0, plan, out_path)
         except torch.OutOfMemoryError as exc:

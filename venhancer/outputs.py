@@ -1,0 +1,131 @@
+"""Where a run writes: output and sidecar names, their temporary names, and the checks on them.
+
+Pure Python (no torch), so the command line checks every name before loading anything.
+
+Each video gives `<save_dir>/<stem>.mp4` and `<stem>.json`. Both are written under a temporary
+name in the same folder and renamed when complete: `.<stem>.XXXXXXXX.partial.mp4` (by
+`video_io.VideoWriter`) and `.<stem>.XXXXXXXX.partial.json`, XXXXXXXX being tempfile.mkstemp's
+8 random characters. The sidecar is renamed last, so an output counts as finished only when both
+files exist.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_SUFFIXES = (".partial.mp4", ".partial.json")
+# tempfile.mkstemp's random part: 8 characters of this alphabet.
+_TEMP_CHARS = "a-z0-9_"
+_TEMP_LEN = 8
+# When the file system cannot say (os.pathconf unavailable): the limit of ext4, NTFS, APFS.
+_DEFAULT_NAME_MAX = 255
+
+
+def output_path_for(video: Path, save_dir: Path) -> Path:
+    """Output name of the reference: the input stem + .mp4 inside the save directory."""
+    return Path(save_dir) / f"{Path(video).stem}.mp4"
+
+
+def sidecar_path_for(output: Path) -> Path:
+    return Path(output).with_suffix(".json")
+
+
+def is_finished(output: Path) -> bool:
+    """Both the video and its sidecar exist (a video alone is from a run that was stopped)."""
+    return Path(output).is_file() and sidecar_path_for(output).is_file()
+
+
+def prepare_save_dir(save_dir: Path) -> Path:
+    """Create `save_dir` if needed and prove it is writable; raises OSError with a one-line message."""
+    save_dir = Path(save_dir)
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=save_dir):
+            pass
+    except OSError as exc:
+        raise OSError(f"save directory {save_dir} cannot be created or written: {exc.strerror or exc}") from exc
+    return save_dir
+
+
+@functools.cache
+def new_file_mode() -> int:
+    """The permissions an ordinary new file gets here (0666 less the umask), for files made with
+    tempfile.mkstemp (always 0600) and then renamed into place."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(_existing_ancestor(folder), "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return _DEFAULT_NAME_MAX
+
+
+def written_names(output: Path) -> list[str]:
+    """Every file name a run writes for `output`, the temporary ones with a stand-in random part."""
+    stem = Path(output).stem
+    return [Path(output).name, sidecar_path_for(output).name,
+            *(f".{stem}.{'x' * _TEMP_LEN}{suffix}" for suffix in PARTIAL_SUFFIXES)]
+
+
+def check_output_names(output: Path) -> None:
+    """ValueError when a name written for `output` is longer than its folder's file system allows."""
+    limit = _name_max(Path(output).parent)
+    longest = max(written_names(output), key=lambda name: len(os.fsencode(name)))
+    size = len(os.fsencode(longest))
+    if size > limit:
+        raise ValueError(f"the file name is too long for its output: the temporary file {longest[:40]}... "
+                         f"would have {size} bytes, more than the {limit} the file system allows; "
+                         f"rename the video (at most {limit - size + len(os.fsencode(Path(output).stem))} "
+                         "bytes before the extension)")
+
+
+def is_case_insensitive(folder: Path) -> bool:
+    """Whether names in `folder` (or its nearest existing ancestor) ignore case. Asked of the file
+    system through a name it holds; True when no name with letters is there to ask."""
+    path = _existing_ancestor(folder)
+    for part in (path, *path.parents):
+        other = part.with_name(part.name.swapcase()) if part.name else part
+        if other != part:
+            return other.exists() and os.path.samefile(other, part)
+    return True
+
+
+def stale_partials(output: Path) -> list[Path]:
+    """Temporary files of an earlier run for `output` that was killed (names of exactly the
+    pattern this tool creates for that stem; nothing else)."""
+    output = Path(output)
+    folder = output.parent
+    if not folder.is_dir():
+        return []
+    suffixes = "|".join(re.escape(s) for s in PARTIAL_SUFFIXES)
+    pattern = re.compile(rf"\.{re.escape(output.stem)}\.[{_TEMP_CHARS}]{{{_TEMP_LEN}}}(?:{suffixes})")
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+
+
+def remove_stale_partials(output: Path, keep: tuple[Path, ...] = ()) -> None:
+    """Remove `stale_partials(output)`, except any file in `keep` (the run's inputs)."""
+    for path in stale_partials(output):
+        if any(k.exists() and os.path.samefile(path, k) for k in keep):
+            continue
+        try:
+            path.unlink()
+            logger.info("removed %s, left by an earlier run that was stopped", path)
+        except OSError as exc:
+            logger.warning("could not remove %s, left by an earlier run: %s", path, exc.strerror or exc)
