@@ -38,7 +38,6 @@ from venhancer.outputs import (
 
 if TYPE_CHECKING:
     from venhancer.distributed import DistContext
-    from venhancer.video_io import Video
 
 logger = logging.getLogger("venhancer")
 
@@ -350,9 +349,8 @@ def _enhance(args: argparse.Namespace, request: Optional[Request], error: Option
         return setup
     config, device = setup
     checked = Checked()
-    first_frames = None
     if dist.is_main:  # rank 0 checks the inputs and tells the others what to do
-        checked, first_frames = _check_videos(args, request, config)
+        checked = _check_videos(args, request, config)
     checked = dist.broadcast_object(checked)
     if args.dry_run:
         if dist.is_main:
@@ -362,7 +360,7 @@ def _enhance(args: argparse.Namespace, request: Optional[Request], error: Option
         return EXIT_FAILED if checked.failed else EXIT_OK
     done: list[str] = []
     if checked.ready:
-        result = _run_jobs(args, request, config, device, dist, checked.ready, first_frames)
+        result = _run_jobs(args, request, config, device, dist, checked.ready)
         if isinstance(result, int):
             return result
         done, run_failed = result
@@ -453,33 +451,25 @@ def plan_jobs(request: Request, overwrite: bool) -> Checked:
     return checked
 
 
-def _check_videos(args: argparse.Namespace, request: Request, config: Any) -> "tuple[Checked, Optional[Video]]":
-    """Every video is checked before any weights are loaded, so a bad file costs nothing. The
-    first one to run is decoded fully and its frames kept, so that its run does not decode it again."""
+def _check_videos(args: argparse.Namespace, request: Request, config: Any) -> Checked:
+    """Every video is probed (its packets listed, nothing decoded) and planned before any weights
+    are loaded, so a bad file costs nothing; each run then streams its own frames."""
     from venhancer.pipeline import plan_video
-    from venhancer.video_io import probe_video, read_video
+    from venhancer.video_io import probe_video
 
     checked = plan_jobs(request, args.overwrite)
     ready, checked.ready = checked.ready, []
-    first_frames = None
     for job in ready:
         try:
-            if first_frames is None and not args.dry_run:
-                decoded = read_video(job.video)
-                info = decoded.info
-            else:
-                decoded, info = None, probe_video(job.video)
-            plan = plan_video(info, request.options, config.planning)
+            plan = plan_video(probe_video(job.video), request.options, config.planning)
         except ValueError as exc:  # VideoError, or a video the planning rules reject
             checked.failed.append((job.video.name, _reason(job.video, exc)))
             logger.error("%s: %s", job.video.name, _reason(job.video, exc))
             continue
         if args.dry_run:
             logger.info("%s: %s; prompt %r; output %s", job.video.name, plan.describe(), job.prompt, job.output)
-        if decoded is not None:
-            first_frames = decoded
         checked.ready.append(job)
-    return checked, first_frames
+    return checked
 
 
 def _load(args: argparse.Namespace, config: Any, device: Any, dist: "DistContext") -> Any:
@@ -525,7 +515,7 @@ def _load(args: argparse.Namespace, config: Any, device: Any, dist: "DistContext
 
 
 def _run_jobs(args: argparse.Namespace, request: Request, config: Any, device: Any, dist: "DistContext",
-              ready: list[Job], first_frames: "Optional[Video]") -> "tuple[list[str], list[tuple[str, str]]] | int":
+              ready: list[Job]) -> "tuple[list[str], list[tuple[str, str]]] | int":
     """Enhance the checked videos: (names done, (name, reason) failed), or an exit code."""
     from venhancer.distributed import CommunicationError, PeerFailure, WindowSharding, shard_videos
     from venhancer.pipeline import EnhanceError, ModelLoadError
@@ -543,16 +533,12 @@ def _run_jobs(args: argparse.Namespace, request: Request, config: Any, device: A
         enhancer.sharding = WindowSharding(dist, device, local=enhancer.local_evaluator)
     # Sharing windows, rank 0 reports for all (the others fail with it, or for it).
     report = dist.is_main or share_videos
-    # The frames decoded by the check go to the run of ready[0] only (sharing out whole videos,
-    # that video may be another process's).
-    decoded = first_frames if mine and mine[0][0] == 0 else None
     run_done: list[tuple[int, str]] = []  # (index in ready, name)
     run_failed: list[tuple[int, str, str]] = []  # (index in ready, name, reason)
     for index, job in mine:
         name = job.video.name
         try:
-            enhancer.run(job.video, job.prompt, request.options, request.save_dir, overwrite=args.overwrite,
-                         video=decoded)
+            enhancer.run(job.video, job.prompt, request.options, request.save_dir, overwrite=args.overwrite)
             run_done.append((index, name))
         except ModelLoadError as exc:  # loaded in the background (one process only)
             logger.error("could not load the models: %s", first_line(exc.__cause__ or exc))
@@ -568,8 +554,6 @@ def _run_jobs(args: argparse.Namespace, request: Request, config: Any, device: A
             run_failed.append((index, name, reason))
             if report:
                 logger.error("%s: %s", name, reason, exc_info=True)
-        finally:
-            decoded = None  # the next videos are read by their runs
     # Every process's results (sharing windows, rank 0's stand for all), in the order of the videos.
     results = dist.all_gather_object((run_done, run_failed))
     if not share_videos:

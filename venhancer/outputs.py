@@ -55,14 +55,6 @@ def prepare_save_dir(save_dir: Path) -> Path:
 
 
 @functools.cache
-def new_file_mode() -> int:
-    """The permissions an ordinary new file gets here (0666 less the umask), for files made with
-    tempfile.mkstemp (always 0600) and then renamed into place."""
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _existing_ancestor(path: Path) -> Path:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:

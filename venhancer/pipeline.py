@@ -50,7 +50,6 @@ from venhancer.options import MAX_UP_SCALE, SOLVER_MODES, EnhanceOptions  # noqa
 from venhancer.outputs import (
     check_output_names,
     is_finished,
-    new_file_mode,
     output_path_for,
     prepare_save_dir,
     remove_stale_partials,
@@ -217,7 +216,6 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     # The temporary name follows venhancer.outputs (checked, and cleaned after a killed run, there).
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.json", dir=path.parent)
     try:
-        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would keep the sidecar from the user's group
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
