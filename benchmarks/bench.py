@@ -361,7 +361,7 @@ def run_matmul(args) -> dict:
     kernels.LINEAR_ADD_MAX_DIM wide inputs or kernels.persistent_linear_add_wins)."""
     import torch.nn.functional as F
 
-    from venhancer.models import kernels
+    from venhancer.runtime import ops as kernels
 
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     gen = torch.Generator(device=DEVICE).manual_seed(5)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import kernels
+from venhancer.runtime import ops
 from .layers import GroupNorm32
 
 logger = logging.getLogger(__name__)
@@ -236,26 +236,26 @@ def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _takes_flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
-    """Whether `kernels.flash_attention` runs this attention instead of SDPA: with the SDPA backend
+    """Whether `ops.flash_attention` runs this attention instead of SDPA: with the SDPA backend
     (an explicit xformers choice is kept), for key sequences of at least
-    `kernels.FLASH_ATTENTION_MIN_KEYS` (the text's 77 keys stay with SDPA), in a layout the
+    `ops.FLASH_ATTENTION_MIN_KEYS` (the text's 77 keys stay with SDPA), in a layout the
     kernel takes."""
-    return (kernels.runs_on(q) and k.shape[1] >= kernels.FLASH_ATTENTION_MIN_KEYS
-            and _backend_for(q.device) == "sdpa" and kernels.flash_attention_supported(q, k, v, heads))
+    return (ops.runs_on(q) and k.shape[1] >= ops.FLASH_ATTENTION_MIN_KEYS
+            and _backend_for(q.device) == "sdpa" and ops.flash_attention_supported(q, k, v, heads))
 
 
 def linear_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, fused: bool,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, persistent: bool = True) -> torch.Tensor:
     """residual + x @ weight.T + bias, x's rows matching residual's in order; written into `out`
     (residual's shape and strides) when given, instead of a temporary and a copy.
 
     `fused`: one Triton pass (the sum in the matmul's epilogue) where that beat cuBLAS and a
-    separate add: inputs up to `kernels.LINEAR_ADD_MAX_DIM` wide, and on Hopper-class GPUs the
-    shapes of `kernels.persistent_linear_add_wins`."""
-    if (fused and kernels.runs_on(x)
-            and (x.shape[-1] <= kernels.LINEAR_ADD_MAX_DIM or kernels.persistent_linear_add_wins(x, weight))
-            and kernels.linear_add_supported(x, weight, residual, out)):
-        return kernels.linear_add(x, weight, bias, residual, out=out)
+    separate add: inputs up to `ops.LINEAR_ADD_MAX_DIM` wide, and on Hopper-class GPUs the
+    shapes of `ops.persistent_linear_add_wins`."""
+    if (fused and ops.runs_on(x)
+            and (x.shape[-1] <= ops.LINEAR_ADD_MAX_DIM or ops.persistent_linear_add_wins(x, weight, persistent))
+            and ops.linear_add_supported(x, weight, residual, out)):
+        return ops.linear_add(x, weight, bias, residual, out=out, persistent=persistent)
     y = F.linear(x, weight, bias).view(residual.shape)
     return residual + y if out is None else torch.add(residual, y, out=out)
 
@@ -318,12 +318,12 @@ class Attention(nn.Module):
                 # (b, M, inner) -> ((b f), M, inner)
                 k = k.repeat_interleave(context_repeats, dim=0)
                 v = v.repeat_interleave(context_repeats, dim=0)
-        if frames is not None and self.frame_kernel and kernels.runs_on(q) and kernels.frame_attention_supported(q, k, v, self.heads, frames):
-            out = kernels.frame_attention(q, k, v, self.heads, frames)
+        if frames is not None and self.frame_kernel and ops.runs_on(q) and ops.frame_attention_supported(q, k, v, self.heads, frames):
+            out = ops.frame_attention(q, k, v, self.heads, frames)
         elif frames is not None:
             out = attention_over_frames(q, k, v, self.heads, frames)
         elif self.flash_kernel and _takes_flash_kernel(q, k, v, self.heads):
-            out = kernels.flash_attention(q, k, v, self.heads)
+            out = ops.flash_attention(q, k, v, self.heads)
         else:
             out = attention(q, k, v, self.heads)
         if residual is None:
@@ -341,14 +341,14 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, bias_column: bool = False) -> torch.Tensor:
         """value * gelu(gate); `bias_column` (fused, on a device the kernels take): with the
-        columns of `kernels.geglu(..., bias_column=True)` appended."""
-        if self.fused and kernels.runs_on(x) and kernels.geglu_matmul_supported(x, self.proj.weight):
+        columns of `ops.geglu(..., bias_column=True)` appended."""
+        if self.fused and ops.runs_on(x) and ops.geglu_matmul_supported(x, self.proj.weight):
             # Up to 1280-wide inputs: the gate in the projection's epilogue (the 2*hidden-wide
             # projection never goes to memory); wider ones may run faster on cuBLAS.
-            return kernels.geglu_matmul(x, self.proj.weight, self.proj.bias, bias_column=bias_column)
+            return ops.geglu_matmul(x, self.proj.weight, self.proj.bias, bias_column=bias_column)
         proj = self.proj(x)
-        if bias_column or (self.fused and kernels.runs_on(proj)):
-            return kernels.geglu(proj, bias_column=bias_column)
+        if bias_column or (self.fused and ops.runs_on(proj)):
+            return ops.geglu(proj, bias_column=bias_column)
         value, gate = proj.chunk(2, dim=-1)
         return value * F.gelu(gate)
 
@@ -360,7 +360,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
         self.fused = False  # see `linear_plus` (set by optimize)
-        # (dim, 4*dim + kernels.BIAS_COLUMNS) = [W | b | 0] of the down-projection, whose weight and
+        # (dim, 4*dim + ops.BIAS_COLUMNS) = [W | b | 0] of the down-projection, whose weight and
         # bias are views of it (`join_down_bias`); not persistent: the checkpoint keys stay.
         self.register_buffer("down_with_bias", None, persistent=False)
 
@@ -369,7 +369,7 @@ class FeedForward(nn.Module):
         names, values and memory), so that with the GEGLU output's ones column one cuBLAS matmul
         adds the bias, and with the residual as its accumulator the residual too."""
         down = self.net[2]
-        joined = kernels.with_bias_column(down.weight, down.bias)
+        joined = ops.with_bias_column(down.weight, down.bias)
         down.weight = nn.Parameter(joined[:, : down.in_features], requires_grad=False)
         down.bias = nn.Parameter(joined[:, down.in_features], requires_grad=False)
         self.down_with_bias = joined
@@ -385,7 +385,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """FF(x), or residual + FF(x) (into `out` if given; `out=residual` adds in place)."""
         geglu, down = self.net[0], self.net[2]
-        joined = self._joined_down_bias() if self.fused and kernels.runs_on(x) else None
+        joined = self._joined_down_bias() if self.fused and ops.runs_on(x) else None
         if residual is not None and out is residual and residual.is_contiguous() and joined is not None:
             # The bias as one more input column and the residual as cuBLAS's accumulator: both
             # sums in the matmul's epilogue, in place (H100, 262144 tokens 1280 -> 320: 0.43 ms
@@ -408,8 +408,8 @@ class LayerNorm(nn.LayerNorm):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and kernels.runs_on(x) and kernels.layer_norm_supported(x):
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        if self.fused and ops.runs_on(x) and ops.layer_norm_supported(x):
+            return ops.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 
@@ -628,7 +628,7 @@ class TemporalTransformer(nn.Module):
                 # (f, count, c) strided view -> (1, f*count, c) frame-major tokens (gathered by
                 # the normalisation, or by the Linear)
                 if normed_tokens is None:
-                    gathered = kernels.group_norm_rows(x_tokens[item, :, cols], table[item])
+                    gathered = ops.group_norm_rows(x_tokens[item, :, cols], table[item])
                 else:
                     gathered = normed_tokens[item, :, cols]
                 tokens = self.proj_in(gathered.reshape(1, f * count, c))

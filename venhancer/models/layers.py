@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from venhancer.runtime import ops
 from .config import GROUP_NORM_GROUPS
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -35,7 +35,7 @@ class GroupNorm32(nn.GroupNorm):
 
     `apply_silu` (set by `venhancer.models.optimize`, which then drops the following SiLU
     module) applies the activation in the same pass; `fused` runs the Triton kernel
-    (`venhancer.models.kernels`) where the input's layout allows.
+    (`venhancer.runtime.ops`) where the input's layout allows.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5):
@@ -44,20 +44,20 @@ class GroupNorm32(nn.GroupNorm):
         self.fused = False
 
     def _takes_kernels(self, x: torch.Tensor) -> bool:
-        return self.fused and kernels.runs_on(x) and kernels.group_norm_supported(x, self.num_groups)
+        return self.fused and ops.runs_on(x) and ops.group_norm_supported(x, self.num_groups)
 
     def fused_table(self, x: torch.Tensor) -> torch.Tensor | None:
         """Where the Triton kernels take x (and no SiLU follows): this norm as per-channel factors
-        of each item, `kernels.group_norm_table`, for `kernels.group_norm_rows` to apply to parts
+        of each item, `ops.group_norm_table`, for `ops.group_norm_rows` to apply to parts
         of x; else None."""
         if self.apply_silu or not self._takes_kernels(x):
             return None
-        return kernels.group_norm_table(x, self.weight, self.bias, self.eps)
+        return ops.group_norm_table(x, self.weight, self.bias, self.eps)
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """Normalise `x`, or `x + add` for `add` of shape (n, c) broadcast over the positions."""
         if self._takes_kernels(x):
-            return kernels.group_norm(x, self.weight, self.bias, self.eps, self.apply_silu, add=add)
+            return ops.group_norm(x, self.weight, self.bias, self.eps, self.apply_silu, add=add)
         if add is not None:
             x = x + add.to(x.dtype).reshape(*add.shape, *([1] * (x.ndim - 2)))
         if x.dtype in _HALF_DTYPES or self.apply_silu:
@@ -91,8 +91,8 @@ def add_with_channel_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor,
                           scale: torch.Tensor | None = None) -> torch.Tensor:
     """a + b + bias (per channel, axis 1), or with `scale` (one element) a + scale * (b + bias):
     one Triton pass where the layouts allow."""
-    if kernels.runs_on(a) and kernels.add_supported(a, b):
-        return kernels.add_with_bias(a, b, bias, scale)
+    if ops.runs_on(a) and ops.add_supported(a, b):
+        return ops.add_with_bias(a, b, bias, scale)
     bias = channel_bias(bias, a)
     return a + b + bias if scale is None else a + scale.to(a.dtype) * (b + bias)
 
