@@ -253,7 +253,7 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request, monkeypatch):
     from diffusers.models.resnet import ResnetBlock2D, SpatioTemporalResBlock, TemporalResnetBlock
     from diffusers.models.upsampling import Upsample2D
 
-    from venhancer.models.layers import GroupNorm32
+    from venhancer.runtime.layers import FastGroupNorm
     from venhancer.vae import optimize_vae
 
     vae = request.getfixturevalue(which)
@@ -261,7 +261,7 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request, monkeypatch):
     before, after = vae.state_dict(), fast.state_dict()
     assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(type(m) is torch.nn.GroupNorm for m in fast.modules())
-    assert any(isinstance(m, GroupNorm32) and m.fused for m in fast.modules())
+    assert any(isinstance(m, FastGroupNorm) and m.settings.fused_kernels for m in fast.modules())
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     # Every resnet block of the encoder and decoder runs the folded forward.

@@ -38,7 +38,7 @@ from venhancer.diffusion.chunking import evaluate_sequential, evaluate_shared_pr
 from venhancer.distributed import PeerOutOfMemory, solo
 from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
 from venhancer.models import VEnhancerUNet
-from venhancer.models.optimize import InferenceOptions, optimize_for_inference
+from venhancer.runtime import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
 from venhancer.planning import (
     chunk_windows,
@@ -336,7 +336,7 @@ class Enhancer:
         start = time.perf_counter()
         logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
         unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
-        # Same function, faster kernels and a smaller footprint (venhancer.models.optimize).
+        # Same function, faster kernels and a smaller footprint (venhancer.runtime).
         optimize_for_inference(unet, InferenceOptions.low_vram() if self.low_vram else None)
         self.load_timings["load_network"] = time.perf_counter() - start
         return unet

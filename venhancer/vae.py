@@ -23,11 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from venhancer.diffusion.chunking import blend_time
-from venhancer.models.attention import SDPA_FAST_HEAD_DIM, half_products_in_float32, wide_head_attention
 from venhancer.models.config import GROUP_NORM_GROUPS
-from venhancer.models.layers import (DerivedWeight, GroupNorm32, add_with_channel_bias, conv_without_bias,
-                                     shortcut_without_bias, upsample_conv_kernel)
-from venhancer.models.optimize import set_conv_weight_layout
 from venhancer.planning import (
     VAE_FRAME_OVERLAP,
     VAE_FRAME_WINDOW,
@@ -37,6 +33,10 @@ from venhancer.planning import (
     vae_frame_windows,
     vae_tile_windows,
 )
+from venhancer.runtime.attention import SDPA_FAST_HEAD_DIM, half_products_in_float32, wide_head_attention
+from venhancer.runtime.layers import (DerivedWeight, FastGroupNorm, add_with_channel_bias, conv_without_bias,
+                                      shortcut_without_bias, upsample_conv_kernel)
+from venhancer.runtime.optimize import fast_group_norm, set_conv_weight_layout
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class _FusedSpatioTemporalResBlock(SpatioTemporalResBlock):
 
 class _TransposedUpsample2D(Upsample2D):
     """diffusers' Upsample2D as the decoder uses it (nearest x2, then a 3x3 convolution) as one
-    transposed convolution of stride 2 (`venhancer.models.layers.upsample_conv_kernel`): the
+    transposed convolution of stride 2 (`venhancer.runtime.layers.upsample_conv_kernel`): the
     same sums with the taps that meet one input pixel pre-added, 4/9 of the multiply-adds and
     no 4x interpolated copy."""
 
@@ -203,7 +203,7 @@ def _foldable_resnet(block: nn.Module) -> bool:
     elif type(block) is not TemporalResnetBlock:
         return False
     return (block.time_emb_proj is None and isinstance(block.nonlinearity, nn.SiLU)
-            and isinstance(block.norm1, GroupNorm32) and isinstance(block.norm2, GroupNorm32)
+            and isinstance(block.norm1, FastGroupNorm) and isinstance(block.norm2, FastGroupNorm)
             and block.dropout.p == 0 and block.conv1.bias is not None and block.conv2.bias is not None)
 
 
@@ -211,7 +211,7 @@ def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDeco
     """Same function, fewer passes and faster kernels, in place. Parameter values and names are
     untouched (the block subclasses only replace `forward`):
     - channels-last convolution weights (cuDNN's NHWC kernels; activations follow the weights);
-    - diffusers' GroupNorms on the Triton kernel (`venhancer.models.kernels`, float32 statistics)
+    - diffusers' GroupNorms on the Triton kernel (`venhancer.runtime.ops`, float32 statistics)
       where the layout allows, with the SiLU after them in the same pass;
     - in the resnet blocks, conv biases folded into the next norm / residual sum and the
       spatial/temporal mix in the temporal block's residual sum (see the `_Fused*` classes);
@@ -222,10 +222,7 @@ def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDeco
     for module in list(vae.modules()):
         for name, child in module.named_children():
             if type(child) is nn.GroupNorm and child.affine and child.num_groups == GROUP_NORM_GROUPS:
-                fused = GroupNorm32(child.num_channels, eps=child.eps).to(child.weight)
-                fused.load_state_dict(child.state_dict())
-                fused.fused = True
-                setattr(module, name, fused)
+                setattr(module, name, fast_group_norm(child))
     for module in vae.modules():
         if _foldable_resnet(module):
             module.norm1.apply_silu = module.norm2.apply_silu = True
@@ -240,7 +237,7 @@ def optimize_vae(vae: AutoencoderKLTemporalDecoder) -> AutoencoderKLTemporalDeco
             module.set_processor(_WideHeadAttnProcessor())
         # The encoder's and decoder's closing norm + activation (used nowhere else).
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
-        if isinstance(norm, GroupNorm32) and isinstance(act, nn.SiLU):
+        if isinstance(norm, FastGroupNorm) and isinstance(act, nn.SiLU):
             norm.apply_silu = True
             module.conv_act = nn.Identity()
     set_conv_weight_layout(vae, channels_last=True)

@@ -12,8 +12,8 @@ from unet_helpers import call_args, max_abs, rel_l2
 from venhancer.runtime import ops as kernels
 from venhancer.models.attention import (GEGLU, Attention, FeedForward, SpatialTransformer, TemporalTransformer,
                                          TransformerBlock)
-from venhancer.models.layers import GroupNorm32, _group_norm_act
-from venhancer.models.optimize import InferenceOptions, optimize_for_inference
+from venhancer.runtime import InferenceOptions, optimize_for_inference
+from venhancer.runtime.layers import FastGroupNorm, _group_norm_act
 
 pytestmark = pytest.mark.skipif(not kernels.interpreting() or kernels.triton is None, reason="needs TRITON_INTERPRET=1 and triton")
 # (the package's attributes of these names are the ops themselves, not the modules)
@@ -262,7 +262,7 @@ def test_linear_plus_takes_the_persistent_kernel_for_wide_inputs(monkeypatch):
     """Inputs wider than LINEAR_ADD_MAX_DIM go to the fused kernel where the persistent one
     wins (here: the interpreter, which stands for a Hopper-class GPU), else to cuBLAS + add; the
     feed-forward's 4x-wide down-projection stays on cuBLAS."""
-    from venhancer.models.attention import linear_plus
+    from venhancer.runtime.attention import linear_plus
 
     calls = []
     original = kernels.linear_add
@@ -480,13 +480,13 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
     # spatial self-attentions go through the flash kernel (all of them: minutes in the interpreter)
     patch_op(monkeypatch, "FLASH_ATTENTION_MIN_KEYS", 100)
     supported = []
-    forward = GroupNorm32.forward
+    forward = FastGroupNorm.forward
 
     def norm_forward(self, x, add=None):
         supported.append(kernels.group_norm_supported(x, self.num_groups))
         return forward(self, x, add)
 
-    monkeypatch.setattr(GroupNorm32, "forward", norm_forward)
+    monkeypatch.setattr(FastGroupNorm, "forward", norm_forward)
     model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=37, spatial_chunk_tokens=320, temporal_chunk_tokens=23))
     with torch.no_grad():
         out = model(*call_args(tiny_case))
