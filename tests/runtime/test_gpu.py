@@ -11,6 +11,7 @@ there and must decline elsewhere.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 LATENT = (162, 240)  # the seed clip's latent size (1296x1920 padded output)
@@ -38,32 +40,12 @@ def hopper() -> bool:
     return torch.cuda.get_device_capability()[0] >= 9
 
 
-@torch.no_grad()
-def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Fan-in scaled Gaussian weights, as benchmarks/bench.py draws them."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.ndim >= 2:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-        elif name.endswith("bias"):
-            p.normal_(0.0, 0.1, generator=gen)
-        else:
-            p.normal_(1.0, 0.1, generator=gen)
-
-
-def window_inputs(frames: int, k: int = 2, seed: int = 1):
-    """One temporal window of the seed clip (every third frame a key frame), both guidance
-    branches' text contexts; as benchmarks/bench.py builds it."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    h, w = LATENT
-    x = torch.randn(1, 4, frames, h, w, device="cuda", generator=gen)
-    hint = torch.randn(1, 4, 49, h, w, device="cuda", generator=gen)
-    mask = torch.tensor([[j // (k + 1) + 3 if j % (k + 1) == 0 else -1 for j in range(frames)]], device="cuda")
-    y_c = torch.randn(1, 77, 1024, device="cuda", generator=gen)
-    y_u = torch.randn(1, 77, 1024, device="cuda", generator=gen)
-    common = dict(hint=hint, t_hint=torch.tensor([249], device="cuda"), s_cond=torch.tensor([8], device="cuda"),
-                  mask_cond=mask)
-    return x, torch.tensor([599], device="cuda"), y_c, y_u, common
+def load_bench():
+    """benchmarks/bench.py as a module: the forward benchmark's model and window inputs."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 @torch.no_grad()
@@ -71,16 +53,14 @@ def test_fast_twins_match_the_plain_network_at_the_real_window():
     """The full-size network (random weights, fp16) at latent 162x240 x 31 frames: the optimized
     model (all twins, the Triton ops, channels-last, the default chunking), through `forward`
     and through `forward_branches`, against the plain network's fp16 output."""
-    from venhancer.models import UNetConfig, VEnhancerUNet
     from venhancer.runtime import RuntimeSettings, optimize_for_inference
     from venhancer.runtime.branches import FastVEnhancerUNet
 
-    with torch.device("meta"):
-        model = VEnhancerUNet(UNetConfig())
-    model = model.to_empty(device="cuda").to(torch.float16).eval().requires_grad_(False)
-    random_init_(model)
+    bench = load_bench()
+    assert bench.DEVICE == "cuda" and bench.LATENT == LATENT
+    model = bench.build_model(torch.float16)  # full config, fan-in scaled random weights
     keys = list(model.state_dict())
-    x, t, y_c, y_u, common = window_inputs(FRAMES)
+    x, t, y_c, y_u, common = bench.window_inputs(FRAMES)
     try:
         plain_c = model(x, t, y_c, **common)
         plain_u = model(x, t, y_u, **common)
@@ -276,7 +256,7 @@ def test_background_load_gives_the_same_video_on_cuda(tmp_path):
     import json
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for make_tiny_models
+    sys.path.insert(0, str(ROOT / "tests"))  # for make_tiny_models
     from make_tiny_models import make_clip, make_tiny_models
 
     from venhancer.pipeline import Enhancer

@@ -175,17 +175,8 @@ class FastVEnhancerUNet(VEnhancerUNet):
 
     settings: RuntimeSettings
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t,
-        y: torch.Tensor,
-        hint: torch.Tensor,
-        t_hint,
-        s_cond,
-        mask_cond,
-        return_control: bool = False,
-    ):
+    def forward(self, x: torch.Tensor, t, y: torch.Tensor, hint: torch.Tensor, t_hint, s_cond, mask_cond,
+                return_control: bool = False):
         """As `VEnhancerUNet.forward`."""
         inp = network_inputs(self, x, t, y, hint, t_hint, s_cond, mask_cond)
         # The ControlNet first, then the UNet: only the ControlNet's outputs are held across.
