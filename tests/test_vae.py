@@ -272,7 +272,7 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request, monkeypatch):
     assert upsamplers and all(type(m).__name__ == "_TransposedUpsample2D" for m in upsamplers)
     processors = [m.processor for m in fast.modules() if hasattr(m, "set_processor")]
     assert len(processors) == 2 and all(type(p).__name__ == "_WideHeadAttnProcessor" for p in processors)
-    import venhancer.vae as vae_module
+    import venhancer.runtime.vae as vae_module
 
     scaled_adds = []
     plain_add = vae_module.add_with_channel_bias
@@ -312,7 +312,7 @@ def test_wide_head_attention_processor_matches_diffusers_sdpa(monkeypatch):
     and half precision on a PyTorch without float32-output products keep the stock path."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    import venhancer.vae as vae_module
+    import venhancer.runtime.vae as vae_module
     from venhancer.vae import optimize_vae
 
     def mid_block_attention(width):
