@@ -242,11 +242,11 @@ def test_low_vram_mode_same_result_in_smaller_passes(enhancer, clip, tmp_path, m
     """Low-VRAM mode: the network runs the small-pass preset, and the denoised latents are
     the normal mode's (pass sizes never change what is computed)."""
     from venhancer.models.layers import ResBlock
-    from venhancer.models.optimize import InferenceOptions
+    from venhancer.runtime import InferenceOptions
 
     small = Enhancer(enhancer.config, progress=False, low_vram=True)
     assert small.low_vram and not enhancer.low_vram  # the CPU never turns it on by itself
-    chunks = {m.frame_chunk for m in small.unet.modules() if isinstance(m, ResBlock)}
+    chunks = {m.settings.conv_frame_chunk for m in small.unet.modules() if isinstance(m, ResBlock)}
     assert chunks == {InferenceOptions.low_vram().conv_frame_chunk}
     latents = []
 

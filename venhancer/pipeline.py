@@ -44,7 +44,7 @@ from venhancer.loading import (
     resolve_vae,
 )
 from venhancer.models import VEnhancerUNet
-from venhancer.models.optimize import InferenceOptions, optimize_for_inference
+from venhancer.runtime import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
 from venhancer.options import MAX_UP_SCALE, SOLVER_MODES, EnhanceOptions  # noqa: F401  (this module's API)
 from venhancer.outputs import (
@@ -320,7 +320,7 @@ class Enhancer:
         start = time.perf_counter()
         logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
         unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
-        # Same function, faster kernels and a smaller footprint (venhancer.models.optimize).
+        # Same function, faster kernels and a smaller footprint (venhancer.runtime).
         optimize_for_inference(unet, InferenceOptions.low_vram() if self.low_vram else None)
         self.load_timings["load_network"] = time.perf_counter() - start
         return unet
