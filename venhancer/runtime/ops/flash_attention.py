@@ -79,7 +79,7 @@ if triton is not None:
 
 
 # Query rows per program (two halves), keys per step, warps, pipeline stages of `flash_attention`:
-# the best of a sweep at the level-0 spatial shape (docs/performance-notes-from-code.md).
+# the best of a sweep at the level-0 spatial shape (docs/performance.md, "Measurement notes by op family").
 FLASH_ATTENTION_CONFIG = (128, 128, 4, 3)
 # Shortest key sequence given to `flash_attention`: every spatial sequence of the seed clip (the
 # shortest is 660 tokens) measured faster on it; the text's 77 keys stay with SDPA.

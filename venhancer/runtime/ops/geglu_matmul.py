@@ -16,7 +16,7 @@ from .matmul import matmul_supported, persistent_matmul
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); BLOCK_N counts output columns, so each tile is
 # 2*BLOCK_N products wide. The best of a sweep of designs and tile shapes
-# (docs/performance-notes-from-code.md).
+# (docs/performance.md, "Measurement notes by op family").
 GEGLU_MATMUL_CONFIG = (128, 128, 64, 8, 3)
 # Widest input the fused projection takes (wider ones measured faster on cuBLAS).
 GEGLU_MATMUL_MAX_DIM = 1280

@@ -52,7 +52,7 @@ if triton is not None:
             tl.store(pilot_ptr + n * channels + col, pilot, mask=col_ok)
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         acc_sq = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        # Loads software-pipelined (docs/performance-notes-from-code.md, GroupNorm).
+        # Loads software-pipelined (docs/performance.md, "Measurement notes by op family", GroupNorm).
         for i in tl.range(tiles_per_program, num_stages=STAGES):
             row = (program * tiles_per_program + i) * BLOCK_R + tl.arange(0, BLOCK_R)
             ok = (row < rows)[:, None] & col_ok[None, :]
@@ -148,7 +148,7 @@ def group_norm_supported(x: torch.Tensor, groups: int) -> bool:
 # GN_STATS_MAX_BLOCK_C channels that divide the channel count (320 channels as 5 x 64, not one
 # block padded to 512), the apply pass walks the flat memory GN_APPLY_BLOCK elements at a time
 # (channels padded to a power of two would waste 3/8 of the lanes at 320 and 640). Picked by a
-# sweep on an H100 (docs/performance-notes-from-code.md).
+# sweep on an H100 (docs/performance.md, "Measurement notes by op family").
 GN_STATS_MAX_BLOCK_C = 64
 GN_STATS_TILE = 4096  # elements per statistics tile
 GN_STATS_STAGES = 3

@@ -41,7 +41,7 @@ if triton is not None:
 
 # Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the one-tile-per-program kernel,
 # fixed rather than autotuned so that a process pays no tuning runs at start-up; the narrow tile
-# for inputs up to 320 wide (docs/performance-notes-from-code.md).
+# for inputs up to 320 wide (docs/performance.md, "Measurement notes by op family").
 LINEAR_ADD_CONFIG_UP_TO_320 = (128, 64, 64, 4, 4)
 LINEAR_ADD_CONFIG = (128, 256, 64, 8, 3)
 # Widest input of the one-tile-per-program kernel: from 640 on cuBLAS + an add was faster.
