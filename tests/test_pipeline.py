@@ -274,19 +274,6 @@ def test_noise_aug_is_clamped_with_a_warning(caplog):
     assert "noise_aug 301 is outside [0, 300]; using 300" in caplog.text
 
 
-def test_memory_modes_follow_free_gpu_memory():
-    """Automatic choices by the free GPU memory at start (None: not a GPU)."""
-    bare = Enhancer.__new__(Enhancer)
-    assert bare._choose_low_vram(None, 16.0) and not bare._choose_low_vram(None, 22.0)
-    assert not bare._choose_low_vram(None, None)  # never automatic off a GPU
-    assert bare._choose_low_vram(True, 80.0) and not bare._choose_low_vram(False, 8.0)
-    bare.low_vram = False
-    assert bare._choose_branch_sharing(None) and bare._choose_branch_sharing(40.0)
-    assert not bare._choose_branch_sharing(23.0)  # a 24 GB card: branches one after the other
-    bare.low_vram = True
-    assert not bare._choose_branch_sharing(80.0)
-
-
 def test_background_load_gives_the_same_video(enhancer, clip, tmp_path, monkeypatch):
     """With background_load the network and text encoder load on the worker thread and each
     prompt is encoded there while the frames are encoded: same output, bit for bit."""

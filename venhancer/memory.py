@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 LOW_VRAM_BUDGET_GB = 15.0
 # Never below this when the automatic choice (free memory) says less: the smallest plan is tried.
 MIN_PLAN_BUDGET_GB = 8.0
-_ALIGN = 512  # bytes: every storage starts aligned for vector loads and Triton's 16-byte checks
+_ALIGN = 512  # bytes: the CUDA caching allocator's alignment
 
 
 @dataclass(frozen=True)
@@ -289,10 +289,14 @@ class WeightStreamer:
                     if merged and lo < merged[-1][1]:
                         merged[-1][1] = max(merged[-1][1], hi)
                     else:
-                        merged.append([lo - lo % 8, hi])  # keeps every dtype's elements aligned
+                        merged.append([lo, hi])
                 for lo, hi in merged:
+                    # The same address modulo _ALIGN as before: kernels (cuBLAS, MKL) choose their
+                    # code path by alignment, and a different one could change the last bits.
+                    offset += (key + lo - offset + start) % _ALIGN
                     placed[(key, lo)] = (offset, hi)
-                    offset += -(-(hi - lo) // _ALIGN) * _ALIGN
+                    offset += hi - lo
+            offset += -offset % _ALIGN  # every unit's buffer starts aligned
             plan.append((module, tensors, placed, start, offset - start))
         host = torch.empty(offset, dtype=torch.uint8)
         self.pinned = self.cuda and _register_host_memory(host)
@@ -438,6 +442,22 @@ class WeightStreamer:
         self._resident.clear()
         self._pending.clear()
         self._current = None
+
+    def reconfigure(self, change: Callable[[nn.Module], Any]) -> None:
+        """Run `change(model)` (pass sizes: `optimize_for_inference` with other InferenceOptions)
+        with every unit's weights readable in host memory, then park them again and learn the
+        block order anew. `change` must not change the weights' layout."""
+        self.release()
+        for unit in self.units:
+            self._bind(unit, self.host[unit.start:unit.start + unit.nbytes])
+        try:
+            change(self.model)
+        finally:
+            for unit in self.units:
+                self._park(unit)
+            self._resident.clear()
+            self._current = None
+            self._trace, self._recording, self._cursor = [], True, 0
 
     def detach(self) -> nn.Module:
         """Weights back on the device for good, methods unwrapped; returns the model."""
