@@ -13,6 +13,7 @@ import venhancer.pipeline as pipeline
 from make_tiny_models import make_clip, make_tiny_models
 from venhancer.config import load_config
 from venhancer.diffusion import diffuse
+from venhancer.memory import PLANS
 from venhancer.pipeline import EnhanceError, Enhancer, EnhanceOptions, plan_video
 from venhancer.video_io import VideoInfo, read_video
 
@@ -182,6 +183,8 @@ def test_out_of_memory_becomes_one_line_advice(enhancer, clip, tmp_path, monkeyp
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     Spy(monkeypatch, "sample", oom)
+    # The smallest memory plan: no smaller one to fall back to (tests/test_memory.py).
+    monkeypatch.setattr(enhancer, "memory_plan", PLANS[-1])
     with pytest.raises(EnhanceError, match=r"out of CPU memory while denoising \(112x72, 17 frames\): lower --up_scale"):
         enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
