@@ -24,6 +24,7 @@ import inspect
 import logging
 import resource
 import sys
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -471,6 +472,9 @@ class WeightStreamer:
         for module, name in self._wrapped:
             module.__dict__.pop(name, None)
         self._wrapped.clear()
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()  # the copies out of the host buffer
+        self.host = torch.empty(0, dtype=torch.uint8)
         return self.model
 
 
@@ -487,8 +491,9 @@ def _public_methods(cls: type) -> list[str]:
 
 
 def _register_host_memory(host: torch.Tensor) -> bool:
-    """Page-lock `host` in place (cudaHostRegister): copies from it run asynchronously at full
-    speed. Pinning through torch's host allocator would round the 4.1 GB up to 8 GB."""
+    """Page-lock `host` in place (cudaHostRegister) until it is freed: copies from it run
+    asynchronously at full speed. Pinning through torch's host allocator would round the 4.1 GB
+    up to 8 GB."""
     if host.numel() == 0:
         return False
     try:
@@ -498,8 +503,13 @@ def _register_host_memory(host: torch.Tensor) -> bool:
         logger.warning("could not page-lock the streamed weights (%s): copies will be slower", exc)
         return False
     if int(error) != 0:
+        # Not left pending: the next kernel launch check would report it as its own.
+        getattr(cudart, "cudaGetLastError", lambda: None)()
         logger.warning("could not page-lock the streamed weights (cudaHostRegister error %d): copies will be slower",
                        int(error))
         return False
+    # Unregistered before the memory goes back to the heap, where a later buffer at the same
+    # addresses could not be registered again.
+    weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
     return True
 
