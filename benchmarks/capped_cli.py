@@ -29,6 +29,8 @@ def main() -> int:
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total))
+        if not hasattr(torch.cuda, "get_per_process_memory_fraction"):
+            argv += ["--max_vram_gb", str(cap)]  # the tool cannot read the cap on this PyTorch
     else:
         argv += ["--max_vram_gb", str(cap)]
     return cli.main(argv)

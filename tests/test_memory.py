@@ -5,7 +5,6 @@ On the CPU there is no VRAM: the plan follows the --max_vram_gb number alone (ve
 
 import hashlib
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 import venhancer.pipeline as pipeline
 from make_tiny_models import make_clip, make_tiny_models
+from test_cli import restore_logging  # noqa: F401  (cli.main configures logging; the fixture undoes it)
 from venhancer import cli, memory
 from venhancer.memory import PLANS, WeightStreamer, budget_gb, check_budget, choose_plan, next_plan
 from venhancer.pipeline import Enhancer
@@ -31,15 +31,6 @@ def tiny_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return make_clip(tmp_path_factory.mktemp("clip") / "clip.mp4")
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    root, package = logging.getLogger(), logging.getLogger("venhancer")
-    saved = (root.handlers[:], root.level, package.level)
-    yield
-    root.handlers[:], package.level = saved[0], saved[2]
-    root.setLevel(saved[1])
 
 
 def test_plan_follows_the_budget():

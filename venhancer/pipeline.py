@@ -251,7 +251,8 @@ def _usable_gpu_gb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer PyTorch only
+    fraction = 1.0 if get_fraction is None else get_fraction(device)
     return min(free, fraction * total) / 1e9
 
 
