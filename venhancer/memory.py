@@ -239,7 +239,6 @@ class WeightStreamer:
         # Relative bounds keep a small model's units at the same places as the real one's (blocks).
         units = find_units(model, min_bytes=min(4 * 2**20, total // 200), max_bytes=min(max_unit_bytes, total // 8))
         self.units: list[_Unit] = []
-        self._owner: dict[int, _Unit] = {}
         self._resident: OrderedDict[int, torch.Tensor] = OrderedDict()  # unit index -> device buffer
         self._pending: dict[int, tuple[torch.Tensor, Any]] = {}  # prefetched: buffer, copy-done event
         self._current: int | None = None
@@ -282,7 +281,7 @@ class WeightStreamer:
             for t in tensors:
                 by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(_byte_span(t))
             start = offset
-            placed: dict[tuple[int, int], tuple[int, int]] = {}  # (storage, span lo) -> (host offset, lo)
+            placed: dict[tuple[int, int], tuple[int, int]] = {}  # (storage, span lo) -> (host offset, span hi)
             for key, spans in by_storage.items():
                 spans.sort()
                 merged: list[list[int]] = []
@@ -321,8 +320,6 @@ class WeightStreamer:
                          [self._placeholder(t) for t in tensors])
             self.units.append(unit)
             self._park(unit)  # frees the tensors' original memory
-            for m in module.modules():
-                self._owner[id(m)] = unit
         return host
 
     # -- residency ----------------------------------------------------------------------------
