@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 # --low_vram is this budget (a 16 GB card less the CUDA context and the display).
 LOW_VRAM_BUDGET_GB = 15.0
-# Never below this when the automatic choice (free memory) says less: the smallest plan is tried.
-MIN_PLAN_BUDGET_GB = 8.0
+# The smallest plan is meant for this much; below it, it is still tried (with a warning).
+MIN_PLAN_BUDGET_GB = 11.0
 _ALIGN = 512  # bytes: the CUDA caching allocator's alignment
 
 
@@ -85,18 +85,23 @@ class MemoryPlan:
 _SMALLEST = InferenceOptions(ff_chunk_tokens=2**15, spatial_chunk_tokens=40_000, temporal_chunk_tokens=2**16,
                              conv_frame_chunk=2, concat_frame_chunk=2)
 
-# Estimates from the measured 22.9 GB (shared prefix), ~19 GB (sequential) and ~17 GB
-# (InferenceOptions.low_vram) peaks, less ~4 GB of weights when streamed (at most
-# prefetch_units + 2 blocks of <= 0.35 GB on the GPU) and the VAE when offloaded. Host: ~4 GB of
-# process, text encoder (fp32, 1.4 GB) and video; streaming adds the 4.1 GB pinned weight copy.
+# Estimated peaks for the seed clip. GPU: the measured whole-clip peaks (22.9 GB reserved with the
+# shared prefix; 2.3-3.2 GB less with sequential branches; 16.9 GB with InferenceOptions.low_vram)
+# less ~3.3 GB when the weights stream (4.1 GB of weights, of which at most prefetch_units + 1
+# blocks of <= 0.35 GB are on the GPU at a time). Measured on an H200 for a 16-frame window, both
+# branches, weights streamed: 8.7 GB allocated / 12.3 GB reserved (shared prefix, default passes)
+# and 5.2 / 7.9 GB (sequential, InferenceOptions.low_vram()); bit-identical outputs, no slower
+# (benchmarks/stream_check.py). The smallest plan's floor is the UNet skips and ControlNet
+# residuals of a 40-frame window (~5 GB), which stay on the GPU. Host: ~6 GB of process, text
+# encoder (float32, 1.4 GB), VAE and video; streaming adds the 4.1 GB page-locked weight copy.
 PLANS: tuple[MemoryPlan, ...] = (
     MemoryPlan("full", 26.0, 22.9, 6.0),
-    MemoryPlan("streamed", 21.0, 19.5, 10.5, vae_offload=True, stream_weights=True),
-    MemoryPlan("streamed_sequential", 17.0, 15.5, 10.5, shared_branch_prefix=False, vae_offload=True,
+    MemoryPlan("streamed", 21.0, 19.6, 10.5, vae_offload=True, stream_weights=True),
+    MemoryPlan("streamed_sequential", 18.0, 16.5, 10.5, shared_branch_prefix=False, vae_offload=True,
                stream_weights=True),
-    MemoryPlan("small_passes_streamed", 12.0, 13.0, 10.5, InferenceOptions.low_vram(), shared_branch_prefix=False,
+    MemoryPlan("small_passes_streamed", 14.0, 13.6, 10.5, InferenceOptions.low_vram(), shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
-    MemoryPlan("smallest_streamed", MIN_PLAN_BUDGET_GB, 10.0, 10.5, _SMALLEST, shared_branch_prefix=False,
+    MemoryPlan("smallest_streamed", MIN_PLAN_BUDGET_GB, 10.5, 10.5, _SMALLEST, shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
 )
 PLAN_NAMES = tuple(plan.name for plan in PLANS)
