@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 # --low_vram is this budget (a 16 GB card less the CUDA context and the display).
 LOW_VRAM_BUDGET_GB = 15.0
 # The smallest plan is meant for this much; below it, it is still tried (with a warning).
-MIN_PLAN_BUDGET_GB = 11.0
+MIN_PLAN_BUDGET_GB = 10.0
 _ALIGN = 512  # bytes: the CUDA caching allocator's alignment
 
 
@@ -85,23 +85,26 @@ class MemoryPlan:
 _SMALLEST = InferenceOptions(ff_chunk_tokens=2**15, spatial_chunk_tokens=40_000, temporal_chunk_tokens=2**16,
                              conv_frame_chunk=2, concat_frame_chunk=2)
 
-# Estimated peaks for the seed clip. GPU: the measured whole-clip peaks (22.9 GB reserved with the
-# shared prefix; 2.3-3.2 GB less with sequential branches; 16.9 GB with InferenceOptions.low_vram)
-# less ~3.3 GB when the weights stream (4.1 GB of weights, of which at most prefetch_units + 1
-# blocks of <= 0.35 GB are on the GPU at a time). Measured on an H200 for a 16-frame window, both
-# branches, weights streamed: 8.7 GB allocated / 12.3 GB reserved (shared prefix, default passes)
-# and 5.2 / 7.9 GB (sequential, InferenceOptions.low_vram()); bit-identical outputs, no slower
-# (benchmarks/stream_check.py). The smallest plan's floor is the UNet skips and ControlNet
-# residuals of a 40-frame window (~5 GB), which stay on the GPU. Host: ~6 GB of process, text
-# encoder (float32, 1.4 GB), VAE and video; streaming adds the 4.1 GB page-locked weight copy.
+# Estimated peaks for the seed clip. Measured on an H200 (benchmarks/stream_check.py, one window,
+# both guidance branches, weights streamed, allocator uncapped, so "reserved" includes cache that a
+# cap would reclaim), allocated / reserved GB:
+#   streamed (shared prefix, default passes):   31 frames 13.2 / 17.2, 40 frames 15.9 / 20.2
+#   InferenceOptions.low_vram(), sequential:    31 frames  7.9 / 11.2, 40 frames  9.9 / 13.2
+#   _SMALLEST, sequential:                      31 frames  7.8 / 10.7, 40 frames  9.9 / 13.7
+# Streaming changed no output bit and no evaluation time (16 frames: 2.07-2.09 s both ways). The
+# floor of ~9.9 GB allocated at 40 frames is the UNet skips and ControlNet residuals (~5 GB) plus
+# whole level-0 activations, which smaller passes do not touch: below ~10 GB they would have to
+# live in host memory (not done). Unmeasured: "full" is the README's 22.9 GB whole-clip peak,
+# "streamed_sequential" the README's sequential peak less the weights. Host: ~6 GB of process,
+# text encoder (float32, 1.4 GB), VAE and video; streaming adds the 4.1 GB page-locked copy.
 PLANS: tuple[MemoryPlan, ...] = (
     MemoryPlan("full", 26.0, 22.9, 6.0),
-    MemoryPlan("streamed", 21.0, 19.6, 10.5, vae_offload=True, stream_weights=True),
+    MemoryPlan("streamed", 21.0, 20.2, 10.5, vae_offload=True, stream_weights=True),
     MemoryPlan("streamed_sequential", 18.0, 16.5, 10.5, shared_branch_prefix=False, vae_offload=True,
                stream_weights=True),
-    MemoryPlan("small_passes_streamed", 14.0, 13.6, 10.5, InferenceOptions.low_vram(), shared_branch_prefix=False,
+    MemoryPlan("small_passes_streamed", 11.0, 13.2, 10.5, InferenceOptions.low_vram(), shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
-    MemoryPlan("smallest_streamed", MIN_PLAN_BUDGET_GB, 10.5, 10.5, _SMALLEST, shared_branch_prefix=False,
+    MemoryPlan("smallest_streamed", MIN_PLAN_BUDGET_GB, 13.7, 10.5, _SMALLEST, shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
 )
 PLAN_NAMES = tuple(plan.name for plan in PLANS)
