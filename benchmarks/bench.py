@@ -3,7 +3,7 @@
     python benchmarks/bench.py forward  [--frames 31 40] [--ablations] [--profile] [--out bench_forward.json]
     python benchmarks/bench.py vae      [--out bench_vae.json]
     python benchmarks/bench.py matmul   [--out bench_matmul.json]
-    python benchmarks/bench.py pipeline [--steps 2] [--low_vram] [--startup_only]
+    python benchmarks/bench.py pipeline [--steps 2] [--low_vram] [--startup_only] [--cap_gb 23 15 11 7]
 
 `forward`: one network evaluation of both guidance branches for a temporal window at the seed
 clip's latent size (162x240), for the plain path (the reference's way: fp16 weights under fp16
@@ -424,6 +424,9 @@ def main(argv=None) -> int:
     parser.add_argument("--low_vram", action="store_true", help="pipeline: run the CLI with --low_vram")
     parser.add_argument("--nproc", type=int, nargs="+", default=None,
                         help="pipeline: one run per process count (torchrun for more than 1), for multi-GPU scaling")
+    parser.add_argument("--cap_gb", type=float, nargs="+", default=None,
+                        help="pipeline: one uncapped run, then one run per GPU memory cap in GB (allocator "
+                             "capped for the whole run, benchmarks/capped_cli.py): plan, time, peaks, same video")
     parser.add_argument("--startup_only", action="store_true",
                         help="pipeline: only the start-up (process start to the first denoising step), several runs")
     args = parser.parse_args(argv)

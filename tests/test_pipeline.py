@@ -15,6 +15,7 @@ import venhancer.pipeline as pipeline
 from make_tiny_models import make_clip, make_tiny_models
 from venhancer.config import load_config
 from venhancer.diffusion import diffuse
+from venhancer.memory import PLANS
 from venhancer.pipeline import EnhanceError, Enhancer, EnhanceOptions, plan_video
 from venhancer.video_io import VideoInfo, probe_video, read_video
 
@@ -233,6 +234,8 @@ def test_out_of_memory_becomes_one_line_advice(enhancer, clip, tmp_path, monkeyp
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     Spy(monkeypatch, "sample", oom)
+    # The smallest memory plan: no smaller one to fall back to (tests/test_memory.py).
+    monkeypatch.setattr(enhancer, "memory_plan", PLANS[-1])
     with pytest.raises(EnhanceError, match=r"out of CPU memory while denoising \(112x72, 17 frames\): lower --up_scale"):
         enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -323,19 +326,6 @@ def test_noise_aug_is_clamped_with_a_warning(caplog):
         assert EnhanceOptions(noise_aug=-5).noise_aug == 0
         assert EnhanceOptions(noise_aug=301).noise_aug == 300
     assert "noise_aug 301 is outside [0, 300]; using 300" in caplog.text
-
-
-def test_memory_modes_follow_free_gpu_memory():
-    """Automatic choices by the free GPU memory at start (None: not a GPU)."""
-    bare = Enhancer.__new__(Enhancer)
-    assert bare._choose_low_vram(None, 16.0) and not bare._choose_low_vram(None, 22.0)
-    assert not bare._choose_low_vram(None, None)  # never automatic off a GPU
-    assert bare._choose_low_vram(True, 80.0) and not bare._choose_low_vram(False, 8.0)
-    bare.low_vram = False
-    assert bare._choose_branch_sharing(None) and bare._choose_branch_sharing(40.0)
-    assert not bare._choose_branch_sharing(23.0)  # a 24 GB card: branches one after the other
-    bare.low_vram = True
-    assert not bare._choose_branch_sharing(80.0)
 
 
 def test_background_load_gives_the_same_video(enhancer, clip, tmp_path, monkeypatch):

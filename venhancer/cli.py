@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -113,6 +114,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = EnhanceOptions.defaults()  # one source for the run settings' defaults
     p = _Parser(
@@ -155,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smaller network passes and the VAE off the GPU while denoising, for ~16 GB cards "
                         "(same output, a little slower); default: on when the GPU has under "
                         "21 GB free at start")
+    p.add_argument("--max_vram_gb", type=_gigabytes, default=None,
+                   help="GPU memory the run may use, in GB: the fastest memory plan that fits it runs (smaller "
+                        "passes, weights streamed block by block, the VAE off the GPU; same output), a smaller "
+                        "one after running out of memory; default: the free GPU memory at start (and the "
+                        "allocator's cap). On the CPU it picks the same plan as on a GPU (default: the fastest)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo videos whose output already exists (an input file is never overwritten)")
     p.add_argument("--dry_run", action="store_true",
@@ -503,7 +519,8 @@ def _load(args: argparse.Namespace, config: Any, device: Any, dist: "DistContext
             # One process: the network loads while the first video is read and encoded.
             enhancer = Enhancer(config, version=args.version, model_path=args.model_path or None,
                                 device=str(device), dtype=args.dtype, progress=dist.is_main,
-                                low_vram=args.low_vram, background_load=not dist.enabled)
+                                low_vram=args.low_vram, background_load=not dist.enabled,
+                                max_vram_gb=args.max_vram_gb)
         except load_errors as exc:
             error = first_line(exc)
         error = dist.first_error(error)

@@ -43,8 +43,8 @@ from venhancer.loading import (
     resolve_unet_checkpoint,
     resolve_vae,
 )
+from venhancer.memory import MemoryPlan, WeightStreamer, budget_gb, choose_plan, next_plan, peak_host_gb
 from venhancer.models import VEnhancerUNet
-from venhancer.runtime import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
 from venhancer.options import MAX_UP_SCALE, SOLVER_MODES, EnhanceOptions  # noqa: F401  (this module's API)
 from venhancer.outputs import (
@@ -64,6 +64,7 @@ from venhancer.planning import (
     pad_to_fit,
     target_resolution,
 )
+from venhancer.runtime import optimize_for_inference
 from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
 from venhancer.video_io import Video, VideoInfo, VideoWriter, apply_umask, iter_frames, probe_video
 
@@ -74,11 +75,6 @@ GUIDE_RESCALE = 0.2
 LATENT_FACTOR = 8
 # Frames resized and padded at once before encoding: bounds the full-resolution float tensors.
 _FRAME_BATCH = 8
-# Automatic low-VRAM mode below this much free GPU memory at start: the default settings peak
-# at ~19 GB reserved on the seed clip with the guidance branches one after the other, 22.7 GB
-# when they share their first layers (README, Performance), which needs this much free memory.
-LOW_VRAM_BELOW_GB = 21.0
-SHARED_BRANCH_PREFIX_FROM_GB = 26.0
 
 
 class EnhanceError(RuntimeError):
@@ -204,6 +200,17 @@ def resolve_dtype(name: Optional[str | torch.dtype], device: torch.device) -> to
     return DTYPES[name]
 
 
+def _usable_gpu_gb(device: torch.device) -> float | None:
+    """GPU memory this process can use: the free memory, or the allocator's cap
+    (torch.cuda.set_per_process_memory_fraction) if lower; None off a GPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer PyTorch only
+    fraction = 1.0 if get_fraction is None else get_fraction(device)
+    return min(free, fraction * total) / 1e9
+
+
 def _loaded(future: Future, what: str) -> Any:
     """The result of a background load; its failure as ModelLoadError."""
     try:
@@ -256,8 +263,10 @@ class Enhancer:
     progress: show tqdm bars (on a terminal) for encoding, denoising and decoding.
     progress_callback: called as (phase, done, total) where those bars start and advance, phase
     "encode" or "decode" (frames) or "denoise" (solver steps); on the thread running the video.
-    low_vram: True for small network passes (`InferenceOptions.low_vram`) and the VAE kept in CPU
-    memory while denoising; None decides by the GPU's free memory (`LOW_VRAM_BELOW_GB`).
+    max_vram_gb: the GPU memory the run may use; the fastest `venhancer.memory` plan that fits it
+    runs, and a smaller one after running out of memory. None: the GPU's free memory at start (or
+    the allocator's cap, if lower); on the CPU the fastest plan unless a number is given.
+    low_vram: True is `max_vram_gb=memory.LOW_VRAM_BUDGET_GB`; False plans for at least 21 GB.
 
     background_load: load the network (then the text encoder) on a worker thread with its own
     CUDA stream, and encode each video's prompt there, while the calling thread loads the VAE and
@@ -274,7 +283,8 @@ class Enhancer:
                  model_path: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str | torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
                  background_load: bool = False,
-                 progress_callback: Optional[Callable[[str, int, int], None]] = None):
+                 progress_callback: Optional[Callable[[str, int, int], None]] = None,
+                 max_vram_gb: float | None = None):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.config = config if isinstance(config, EnhancerConfig) else load_config(config)
@@ -283,9 +293,12 @@ class Enhancer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress = progress
         self.progress_callback = progress_callback
-        free_gb = torch.cuda.mem_get_info(self.device)[0] / 1e9 if self.device.type == "cuda" else None
-        self.low_vram = self._choose_low_vram(low_vram, free_gb)
-        self.share_branch_prefix = self._choose_branch_sharing(free_gb)
+        self.budget_gb = budget_gb(max_vram_gb, low_vram, _usable_gpu_gb(self.device))
+        self.memory_plan: MemoryPlan = choose_plan(self.budget_gb)
+        budget = "no GPU memory limit" if self.budget_gb is None else f"{self.budget_gb:.1f} GB GPU budget"
+        logger.info("%s: %s", budget, self.memory_plan.describe())
+        self.memory_fallbacks: list[dict[str, str]] = []  # plans given up after running out of memory
+        self.streamer: WeightStreamer | None = None
         self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
         self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
         self.solver_step_seconds: list[float] = []  # of the running video, one entry per solver step
@@ -312,8 +325,8 @@ class Enhancer:
         self.vae = load_vae(vae_source, device=self.device, dtype=self.dtype)
         if self.device.type == "cuda":
             optimize_vae(self.vae)
-        # In low-VRAM mode the VAE waits in CPU memory while the network runs.
-        self.vae_weights = HostCopy(self.vae) if self.low_vram and self.device.type == "cuda" else None
+        # Plans that offload it: the VAE waits in CPU memory while the network runs.
+        self.vae_weights = HostCopy(self.vae) if self.memory_plan.vae_offload and self.device.type == "cuda" else None
         self.load_timings["load_vae"] = time.perf_counter() - start
 
     def _load_network(self) -> VEnhancerUNet:
@@ -321,7 +334,9 @@ class Enhancer:
         logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
         unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
         # Same function, faster kernels and a smaller footprint (venhancer.runtime).
-        optimize_for_inference(unet, InferenceOptions.low_vram() if self.low_vram else None)
+        optimize_for_inference(unet, self.memory_plan.inference)
+        if self.memory_plan.stream_weights:
+            self.streamer = WeightStreamer(unet, self.device, prefetch=self.memory_plan.prefetch_units)
         self.load_timings["load_network"] = time.perf_counter() - start
         return unet
 
@@ -368,27 +383,35 @@ class Enhancer:
         together, sharing the layers before the first cross-attention, where memory allows
         (their activations stay in memory meanwhile: 2-3 GB more at the seed clip's size); else
         one by one."""
-        return evaluate_shared_prefix if self.share_branch_prefix else evaluate_sequential
+        evaluate = evaluate_shared_prefix if self.share_branch_prefix else evaluate_sequential
+        # The streamer learns the order of the network's blocks from the first solver call.
+        return evaluate if self.streamer is None else self.streamer.wrap_evaluator(evaluate)
 
-    def _choose_branch_sharing(self, free_gb: float | None) -> bool:
-        """free_gb: free GPU memory at start (None: not a GPU)."""
-        if self.low_vram:
-            return False
-        if free_gb is not None and free_gb < SHARED_BRANCH_PREFIX_FROM_GB:
-            logger.info("%.1f GB GPU memory free: the guidance branches run one after the other (%.0f GB "
-                        "or more free lets them share their first layers, ~10%% faster)", free_gb,
-                        SHARED_BRANCH_PREFIX_FROM_GB)
-            return False
-        return True
+    @property
+    def low_vram(self) -> bool:
+        """Whether the network runs in smaller passes than the default (the memory plan's)."""
+        return self.memory_plan.small_passes
 
-    def _choose_low_vram(self, requested: bool | None, free_gb: float | None) -> bool:
-        """free_gb: free GPU memory at start (None: not a GPU, where the mode is never automatic)."""
-        if requested is not None:
-            return bool(requested)
-        if free_gb is not None and free_gb < LOW_VRAM_BELOW_GB:
-            logger.info("%.1f GB GPU memory free: low-VRAM mode on (--no-low_vram turns it off)", free_gb)
-            return True
-        return False
+    @property
+    def share_branch_prefix(self) -> bool:
+        return self.memory_plan.shared_branch_prefix
+
+    def _use_plan(self, plan: MemoryPlan) -> None:
+        """Switch to a smaller plan. Plans differ in pass sizes and placement only, never in the
+        weights' layout, so the network is reconfigured in place."""
+        self.memory_plan = plan
+        unet = self.unet
+        if self.streamer is not None:
+            self.streamer.reconfigure(lambda model: optimize_for_inference(model, plan.inference))
+        else:
+            optimize_for_inference(unet, plan.inference)
+            if plan.stream_weights:
+                self.streamer = WeightStreamer(unet, self.device, prefetch=plan.prefetch_units)
+        if plan.vae_offload and self.vae_weights is None and self.device.type == "cuda":
+            self.vae_weights = HostCopy(self.vae)
+            self.vae_weights.leave()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def planning(self) -> PlanningConfig:
@@ -474,7 +497,7 @@ class Enhancer:
                                     emb.record_stream(torch.cuda.current_stream(self.device))
                 phase = "denoising"
                 with self._phase("sample", timings), self._vae_offloaded():
-                    x0 = self._denoise(z_key, y_cond, y_uncond, plan, options, generator)
+                    x0 = self._denoise_within_budget(z_key, y_cond, y_uncond, plan, options, generator)
                 if not writes:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
@@ -503,16 +526,39 @@ class Enhancer:
 
     @contextmanager
     def _vae_offloaded(self) -> Iterator[None]:
-        """In low-VRAM mode the VAE waits in CPU memory while the network runs."""
-        if self.vae_weights is None:
-            yield
-            return
-        self.vae_weights.leave()
-        torch.cuda.empty_cache()  # the encoder's full-resolution transients
+        """With plans that offload it, the VAE waits in CPU memory while the network runs (a
+        fallback inside may start offloading it)."""
+        if self.vae_weights is not None:
+            self.vae_weights.leave()
+            torch.cuda.empty_cache()  # the encoder's full-resolution transients
         try:
             yield
         finally:
-            self.vae_weights.visit(self.device)
+            if self.vae_weights is not None:
+                self.vae_weights.visit(self.device)
+
+    def _denoise_within_budget(self, z_key: torch.Tensor, y_cond: torch.Tensor, y_uncond: torch.Tensor,
+                               plan: VideoPlan, options: EnhanceOptions, generator: torch.Generator) -> torch.Tensor:
+        """`_denoise`; when it runs out of memory, again with the next smaller memory plan from
+        the same random state (the same video), until the smallest plan fails too."""
+        state = generator.get_state()
+        while True:
+            failed = None
+            try:
+                return self._denoise(z_key, y_cond, y_uncond, plan, options, generator)
+            except torch.OutOfMemoryError as exc:
+                smaller = next_plan(self.memory_plan)
+                if smaller is None or self.sharding is not None:
+                    raise
+                failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            # Outside the except block: the failed attempt's activations are released first.
+            logger.warning("%s: out of memory with memory plan %r (%s); falling back to %r",
+                           plan.input.path.name, self.memory_plan.name, failed, smaller.name)
+            self.memory_fallbacks.append({"from": self.memory_plan.name, "to": smaller.name, "error": failed})
+            self._use_plan(smaller)
+            logger.info("%s", smaller.describe())
+            generator.set_state(state)
+            self.solver_step_seconds = []
 
     def _together(self):  # -> context manager yielding a venhancer.distributed.Agreement
         return solo() if self.sharding is None else self.sharding.together()
@@ -687,6 +733,10 @@ class Enhancer:
                       "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                       "low_vram": self.low_vram, "shared_branch_prefix": self.share_branch_prefix,
                       "background_load": self._worker is not None},
+            "memory": {"budget_gb": self.budget_gb, "plan": self.memory_plan.to_json(),
+                       "fallbacks": list(self.memory_fallbacks),
+                       "streamed_block_loads": None if self.streamer is None else self.streamer.loads,
+                       "peak_host_ram_GB": round(peak_host_gb(), 3)},
             "plan": {"inserted_frames": plan.k, "padding_lrtb": list(plan.padding),
                      "latent_size": list(plan.latent_size), "windows": [list(w) for w in plan.windows],
                      "network_evals": plan.network_evals, "start_t": T_MAX},
