@@ -3,7 +3,11 @@
 
 import sys
 
-from venhancer.cli import main
+try:
+    from venhancer.cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python is still importing the command line
+    sys.stderr.write("error: interrupted\n")
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

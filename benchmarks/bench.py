@@ -3,7 +3,7 @@
     python benchmarks/bench.py forward  [--frames 31 40] [--ablations] [--profile] [--out bench_forward.json]
     python benchmarks/bench.py vae      [--out bench_vae.json]
     python benchmarks/bench.py matmul   [--out bench_matmul.json]
-    python benchmarks/bench.py pipeline [--steps 2] [--low_vram] [--startup_only]
+    python benchmarks/bench.py pipeline [--steps 2] [--low_vram] [--startup_only] [--cap_gb 23 15 11 7]
 
 `forward`: one network evaluation of both guidance branches for a temporal window at the seed
 clip's latent size (162x240), for the plain path (the reference's way: fp16 weights under fp16
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from venhancer.models import UNetConfig, VEnhancerUNet  # noqa: E402
-from venhancer.models.optimize import InferenceOptions, optimize_for_inference  # noqa: E402
+from venhancer.runtime import InferenceOptions, optimize_for_inference  # noqa: E402
 
 LATENT = (162, 240)  # seed clip: 1254x1880 output padded to 1296x1920 -> latent 162x240
 # BENCH_SMOKE=1 runs the same code on the CPU with a tiny network (checks the script, not speed).
@@ -188,13 +188,18 @@ def run_forward(args) -> dict:
             with torch.autocast(DEVICE, dtype=torch.float16 if not SMOKE else torch.bfloat16):
                 model(x, t, y_c, **common)
         row["flops_per_branch"] = counter.get_total_flops()
-        # Counted on the plain model: the optimized one runs some matmuls in Triton kernels,
-        # which the counter does not see.
+        print(f"plain {frames} frames: {row['plain_s']} s, peak {row['plain_peak_alloc_GB']:.1f} GB, {row['flops_per_branch'] / 1e15:.3f} PFLOP/branch", flush=True)
+
+    # The shared prefix's FLOPs, on the runtime's evaluation order with PyTorch's own kernels: the
+    # Triton kernels' matmuls would be invisible to the counter.
+    optimize_for_inference(model, InferenceOptions(channels_last=False, fused_kernels=False, tuned_attention=False,
+                                                   fused_projections=False, transposed_upsample=False))
+    for frames in args.frames:
+        _, _, _, shared = calls(frames)
         with FlopCounterMode(display=False) as counter:
             with torch.autocast(DEVICE, dtype=torch.float16 if not SMOKE else torch.bfloat16):
                 shared()
-        row["optimized_shared_prefix_flops"] = counter.get_total_flops()
-        print(f"plain {frames} frames: {row['plain_s']} s, peak {row['plain_peak_alloc_GB']:.1f} GB, {row['flops_per_branch'] / 1e15:.3f} PFLOP/branch", flush=True)
+        results["windows"][frames]["optimized_shared_prefix_flops"] = counter.get_total_flops()
 
     full = InferenceOptions()
     for frames in args.frames:
@@ -361,7 +366,7 @@ def run_matmul(args) -> dict:
     kernels.LINEAR_ADD_MAX_DIM wide inputs or kernels.persistent_linear_add_wins)."""
     import torch.nn.functional as F
 
-    from venhancer.models import kernels
+    from venhancer.runtime import ops as kernels
 
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     gen = torch.Generator(device=DEVICE).manual_seed(5)
@@ -419,6 +424,9 @@ def main(argv=None) -> int:
     parser.add_argument("--low_vram", action="store_true", help="pipeline: run the CLI with --low_vram")
     parser.add_argument("--nproc", type=int, nargs="+", default=None,
                         help="pipeline: one run per process count (torchrun for more than 1), for multi-GPU scaling")
+    parser.add_argument("--cap_gb", type=float, nargs="+", default=None,
+                        help="pipeline: one uncapped run, then one run per GPU memory cap in GB (allocator "
+                             "capped for the whole run, benchmarks/capped_cli.py): plan, time, peaks, same video")
     parser.add_argument("--startup_only", action="store_true",
                         help="pipeline: only the start-up (process start to the first denoising step), several runs")
     args = parser.parse_args(argv)

@@ -106,6 +106,8 @@ def run_pipeline(args) -> int:
                 *(["--low_vram"] if args.low_vram else [])]
     if args.nproc:
         return run_scaling(cli_args, scratch, out_dir, args)
+    if getattr(args, "cap_gb", None):
+        return run_caps(cli_args, scratch, out_dir, args)
     cmd = [sys.executable, str(ROOT / "enhance_a_video.py"), *cli_args, "--save_dir", str(save_dir)]
     if args.startup_only:
         return run_startup(cmd, out_dir, write_s)
@@ -340,3 +342,95 @@ def run_scaling(cli_args: list[str], scratch: Path, out_dir: Path, args) -> int:
               f"{run['per_solver_step_s']:>9.2f} {run['denoise_step_speedup']:>8.2f}x {t['decode_write']:>13.1f} "
               f"{run['process_wall_s']:>7.1f}  {peaks:<28} {'yes' if run['output_identical_to_first'] else 'NO'}")
     return 0 if all(run["output_identical_to_first"] for run in runs) else 1
+
+
+def _run_measured(cmd: list[str], env: dict[str, str]) -> tuple[int, str, float, float]:
+    """Exit code, stderr, wall seconds and the child's own peak resident memory in GB
+    (ru_maxrss, page-locked host buffers included)."""
+    start = time.time()
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.time() - start
+        err.seek(0)
+        stderr = err.read()
+    return proc.returncode, stderr, wall, usage.ru_maxrss * 1024 / 1e9
+
+
+def _max_level_difference(a: Path, b: Path) -> int:
+    from venhancer.video_io import read_video
+
+    x, y = read_video(a).frames, read_video(b).frames
+    if x.shape != y.shape:
+        return 255
+    return int(abs(x.astype("int16") - y.astype("int16")).max())
+
+
+def run_caps(cli_args: list[str], scratch: Path, out_dir: Path, args) -> int:
+    """The seed clip uncapped (the default plan), then once per cap in `args.cap_gb`, each in its
+    own process with the allocator capped for the whole run (capped_cli.py): whether it finished,
+    the plan it ran (and any fallback), its time against the uncapped run, the peak GPU memory
+    reserved, the peak host RAM, and whether it wrote the same video (MD5 of the MP4, else the
+    largest difference in 8-bit levels of the decoded frames)."""
+    stem = Path(cli_args[cli_args.index("--input_path") + 1]).stem
+    runs = []
+    for cap in [None, *args.cap_gb]:
+        save_dir = scratch / f"results_cap{cap or 0:g}"
+        if cap is None:
+            cmd = [sys.executable, str(ROOT / "enhance_a_video.py"), *cli_args, "--save_dir", str(save_dir)]
+            env = dict(os.environ)
+        else:
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "capped_cli.py"), *cli_args, "--save_dir", str(save_dir)]
+            env = dict(os.environ, VENHANCER_MEMORY_CAP_GB=str(cap))
+        code, stderr, wall, host_gb = _run_measured(cmd, env)
+        (out_dir / f"pipeline_cap{cap or 0:g}_stderr.log").write_text(stderr[-200_000:])
+        run = {"cap_gb": cap, "finished": code == 0, "exit_code": code, "process_wall_s": wall, "peak_host_ram_GB": host_gb}
+        sidecar_path, video = save_dir / f"{stem}.json", save_dir / f"{stem}.mp4"
+        if code == 0 and sidecar_path.exists():
+            sidecar = json.loads(sidecar_path.read_text())
+            steps = sidecar["solver_steps_s"]
+            per_step = statistics.median(steps[1:]) if len(steps) > 1 else steps[0]
+            timings = sidecar["timings_s"]
+            run.update({
+                "plan": sidecar["memory"]["plan"]["name"],
+                "fallbacks": sidecar["memory"]["fallbacks"],
+                "timings_s": timings,
+                "solver_steps_s": steps,
+                "fast_mode_total_s_scaled": wall - timings["sample"] + steps[0] + per_step * (FAST_MODE_STEPS - 1),
+                "peak_gpu_memory_reserved_GB": timings.get("peak_gpu_memory_reserved_GB"),
+                "output_md5": hashlib.md5(video.read_bytes()).hexdigest(),
+                "video": str(video),
+            })
+        else:
+            run["error"] = [line for line in stderr.splitlines() if line.strip()][-1:] or ["(no output)"]
+        runs.append(run)
+    base = runs[0]
+    for run in runs:
+        if run["finished"] and base["finished"]:
+            run["ratio_wall"] = run["process_wall_s"] / base["process_wall_s"]
+            run["ratio_fast_mode_scaled"] = run["fast_mode_total_s_scaled"] / base["fast_mode_total_s_scaled"]
+            same = run["output_md5"] == base["output_md5"]
+            run["output_identical"] = same
+            run["max_level_difference"] = 0 if same else _max_level_difference(Path(base["video"]), Path(run["video"]))
+    result = {"gpu": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
+              "steps_run": args.steps, "runs": runs}
+    (out_dir / "bench_pipeline_caps.json").write_text(json.dumps(result, indent=1))
+    print(f"\nSeed clip on {result['gpu']} under GPU memory caps, {args.steps} solver steps per run "
+          f"(ratio: against the uncapped run; 14-step: the fast mode's time scaled from the measured steps):")
+    print(f"{'cap GB':>7} {'done':>5} {'plan':<24} {'wall s':>7} {'ratio':>6} {'14-step s':>10} {'ratio':>6} "
+          f"{'GPU peak GB':>12} {'host peak GB':>13}  same video")
+    for run in runs:
+        cap = "none" if run["cap_gb"] is None else f"{run['cap_gb']:g}"
+        if not run["finished"]:
+            print(f"{cap:>7} {'NO':>5} {'-':<24} {run['process_wall_s']:>7.1f} {'':>6} {'':>10} {'':>6} {'':>12} "
+                  f"{run['peak_host_ram_GB']:>13.1f}  {run['error'][0][:80]}")
+            continue
+        plan = run["plan"] + (" (fallback)" if run["fallbacks"] else "")
+        peak = run["peak_gpu_memory_reserved_GB"]
+        same = ("identical" if run.get("output_identical") else f"max {run.get('max_level_difference')} levels") \
+            if "output_identical" in run else "-"
+        print(f"{cap:>7} {'yes':>5} {plan:<24} {run['process_wall_s']:>7.1f} {run.get('ratio_wall', float('nan')):>5.2f}x "
+              f"{run['fast_mode_total_s_scaled']:>10.1f} {run.get('ratio_fast_mode_scaled', float('nan')):>5.2f}x "
+              f"{(peak if peak is not None else float('nan')):>12.1f} {run['peak_host_ram_GB']:>13.1f}  {same}")
+    return 0 if all(run["finished"] for run in runs) else 1

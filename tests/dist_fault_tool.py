@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import venhancer.diffusion.guidance as guidance  # noqa: E402
 import venhancer.pipeline as pipeline  # noqa: E402
 from venhancer import cli  # noqa: E402
-from venhancer.models.unet import VEnhancerUNet  # noqa: E402
+from venhancer.runtime.branches import FastVEnhancerUNet  # noqa: E402  (the pipeline runs the optimized network)
 from venhancer.video_io import VideoError  # noqa: E402
 
 
@@ -51,8 +51,8 @@ def install(spec: str, rank: int) -> None:
 
         pipeline.probe_video = probe_video
     elif kind == "network":
-        real_forward = VEnhancerUNet.forward
-        real_branches = VEnhancerUNet.forward_branches
+        real_forward = FastVEnhancerUNet.forward
+        real_branches = FastVEnhancerUNet.forward_branches
 
         def fail():
             raise RuntimeError(f"injected network failure on process {rank}")
@@ -67,8 +67,8 @@ def install(spec: str, rank: int) -> None:
             hook()
             return real_branches(self, *args, **kwargs)
 
-        VEnhancerUNet.forward = forward
-        VEnhancerUNet.forward_branches = forward_branches
+        FastVEnhancerUNet.forward = forward
+        FastVEnhancerUNet.forward_branches = forward_branches
     elif kind == "merge":
         real_merge = guidance.merge_windows
 

@@ -39,8 +39,10 @@ PLANNING = {
     # The smallest padded frame the network sees. 80x128 keeps the accepted latent shape
     # (80/8 % 8 == 2, 128/8 % 8 == 0) where the reference pads everything to at least 720x1280.
     "pad_min": [80, 128],
-    "chunk_len": 8,
-    "chunk_overlap": 4,
+    # The smallest window length that is valid for every number of inserted frames (0-8) once
+    # snapped to key-frame periods; a 17-frame output still takes three windows.
+    "chunk_len": 10,
+    "chunk_overlap": 5,
     "vae_tile": [10, 16],
     "vae_tile_overlap": [2, 4],
     "vae_frame_window": 9,

@@ -60,3 +60,17 @@ def test_pipeline_scaling_benchmark_smoke(tmp_path):
     assert all(run["output_identical_to_first"] and len(run["solver_steps_s"]) == 2 for run in runs)
     assert runs[0]["denoise_step_speedup"] == 1.0
     assert "same video" in proc.stdout
+
+
+def test_pipeline_memory_cap_benchmark_smoke(tmp_path):
+    # On the CPU the cap becomes --max_vram_gb: an uncapped run, then the streamed plan (same
+    # passes: the same MP4 bytes) and the smallest one.
+    proc = _bench(tmp_path, "pipeline", "--steps", "1", "--cap_gb", "23", "7")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "bench_pipeline_caps.json").read_text())["runs"]
+    assert [run["cap_gb"] for run in runs] == [None, 23, 7]
+    assert [run["plan"] for run in runs] == ["full", "streamed", "smallest_streamed"]
+    assert all(run["finished"] and run["peak_host_ram_GB"] > 0 for run in runs)
+    assert runs[1]["output_identical"] and runs[0]["ratio_wall"] == 1.0
+    assert "max_level_difference" in runs[2]
+    assert "same video" in proc.stdout

@@ -6,13 +6,14 @@ import os
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from make_tiny_models import make_clip, make_tiny_models
+
 from venhancer import cli
 from venhancer.video_io import ffmpeg_exe, probe_video
 
@@ -128,8 +129,8 @@ def test_folder_run_skips_bad_videos_resumes_and_overwrites(tiny_config, clips, 
 
 
 def test_first_video_is_decoded_once(tiny_config, tmp_path, capsys, monkeypatch):
-    """Every video's frames are decoded once: the first one's by the input check (its run uses
-    them), the others' by their runs. Two copies of one clip give the same output either way."""
+    """Every video's frames are decoded once, by its run (the input check only probes). Two copies
+    of one clip give the same output."""
     import venhancer.pipeline as pipeline
     import venhancer.video_io as video_io
 
@@ -152,8 +153,6 @@ def test_first_video_is_decoded_once(tiny_config, tmp_path, capsys, monkeypatch)
     assert decodes == ["a.mp4", "b.mp4"]
     first, second = (video_io.read_video(save / name).frames for name in ("a.mp4", "b.mp4"))
     assert np.array_equal(first, second)
-    timings = [json.loads((save / name).read_text())["timings_s"]["read"] for name in ("a.json", "b.json")]
-    assert timings[0] < timings[1]
 
 
 def test_interrupt_leaves_no_partial_file(tiny_config, tmp_path, capsys, monkeypatch):
@@ -193,7 +192,7 @@ def test_dry_run_loads_no_weights(tiny_config, clips, tmp_path, capsys):
     assert code == 0, log
     assert "warning: noise_aug 400 is outside [0, 300]; using 300" in log
     assert ("input 56x36 @ 8 fps, 9 frames -> output 112x72 @ 16 fps, 17 frames (1 inserted per pair); "
-            "network input 128x80 (latent 16x10); temporal windows [(0, 7), (4, 11), (8, 17)]; "
+            "network input 128x80 (latent 16x10); temporal windows [(0, 9), (4, 13), (8, 17)]; "
             "network evaluations 2 steps x 2 branches x 3 windows = 12") in log
     assert "loading" not in log
     assert not save.exists()
@@ -335,3 +334,318 @@ def test_debug_log_is_a_timeline(tiny_config, clips, tmp_path, capsys):
     for phase in ("read", "encode", "text", "sample", "decode_write"):
         assert re.search(rf"\] {phase} took \d+\.\d\d s", log), phase
     assert re.search(r"\] encoded frames 0-7 at \d+\.\d\d s", log) and "encoded frames 8-8 at" in log
+
+
+# ------------------------------------------------------------------ issue 25: never lose a file, never a traceback
+
+def digest(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_no_output_is_written_over_an_input(tiny_config, tmp_path, capsys):
+    """save_dir = the input folder with --overwrite: a.mov's output a.mp4 is the input a.mp4."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.mp4", "a.mov", "c.mp4"):
+        make_clip(folder / name)
+    before = {p.name: digest(p) for p in folder.iterdir()}
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", folder, "--save_dir", folder,
+                         "--overwrite", *FAST)
+    assert code == 1
+    assert {p.name: digest(p) for p in folder.iterdir()} == before
+    for name in ("a.mov", "a.mp4", "c.mp4"):
+        assert re.search(rf"failed: {re.escape(name)}: its output would overwrite the input .*", log), (name, log)
+    assert "loading network" not in log and "Traceback" not in log
+
+
+def test_sidecar_is_never_written_over_an_input(tiny_config, tmp_path, capsys):
+    """The config file sits where the sidecar would go."""
+    save = tmp_path / "results"
+    save.mkdir()
+    config = save / "clip.json"
+    tiny = Path(tiny_config).parent
+    data = json.loads(Path(tiny_config).read_text())
+    data["checkpoints"] = {"local_dir": str(tiny), "paths": {v: str(tiny / "unet.safetensors") for v in ("v1", "v2")}}
+    data["text_encoder"]["path"] = str(tiny / "text_encoder.safetensors")
+    data["vae"]["path"] = str(tiny / "vae")
+    config.write_text(json.dumps(data))
+    before = digest(config)
+    clip = make_clip(tmp_path / "clip.mp4")
+    code, log = run_main(capsys, "--config", config, "--input_path", clip, "--save_dir", save, *FAST)
+    assert code == 1 and "would overwrite the input" in error_lines(log)[0]
+    assert digest(config) == before and not (save / "clip.mp4").exists()
+
+
+def test_video_without_sidecar_is_not_finished(tiny_config, tmp_path, capsys, monkeypatch):
+    """Disk full at the sidecar: the video is there, its .json is not; the next run makes it again."""
+    import errno
+
+    import venhancer.pipeline as pipeline
+
+    clip = make_clip(tmp_path / "clip.mp4")
+    save = tmp_path / "results"
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "_write_json_atomic", disk_full)
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, *FAST)
+    assert code == 1 and "No space left on device" in log
+    monkeypatch.undo()
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, *FAST)
+    assert code == 0, log
+    assert "warning: clip.mp4: " in log and "has no clip.json" in log
+    assert "1 enhanced, 0 skipped" in log
+    assert sorted(p.name for p in save.iterdir()) == ["clip.json", "clip.mp4"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (save / "clip.json").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, *FAST)
+    assert code == 0 and "0 enhanced, 1 skipped" in log
+
+
+def test_overwrite_that_stops_leaves_an_unfinished_output(tiny_config, tmp_path, capsys, monkeypatch):
+    """--overwrite replaces the video, then the sidecar: stopped between, the old sidecar must not
+    vouch for the new video."""
+    import venhancer.pipeline as pipeline
+
+    clip = make_clip(tmp_path / "clip.mp4")
+    save = tmp_path / "results"
+    assert run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, *FAST)[0] == 0
+
+    def stopped(path, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_write_json_atomic", stopped)
+    code, _ = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, "--overwrite",
+                       *FAST)
+    assert code == 130
+    assert sorted(p.name for p in save.iterdir()) == ["clip.mp4"]
+
+
+def test_too_long_name_fails_before_loading(tiny_config, clips, tmp_path, capsys):
+    """The temporary name is 23 bytes longer than the stem: checked before any weights load."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_clip = folder / ("x" * 240 + ".mp4")
+    long_clip.write_bytes((clips / "whole.mp4").read_bytes())
+    config = bogus_weights_config(tiny_config, tmp_path)
+    code, log = run_main(capsys, "--config", config, "--input_path", folder, "--save_dir", tmp_path / "results",
+                         *FAST)
+    assert code == 1
+    assert "file name is too long" in error_lines(log)[0] and len(error_lines(log)) == 2  # + the summary's
+    assert "loading" not in log and "Traceback" not in log
+
+
+def test_stale_partials_of_the_videos_to_write_are_removed(tiny_config, tmp_path, capsys):
+    clip = make_clip(tmp_path / "clip.mp4")
+    save = tmp_path / "results"
+    save.mkdir()
+    stale = [save / ".clip.a1b2c3d_.partial.mp4", save / ".clip.zzzzzzzz.partial.json"]
+    kept = [save / ".clip.short.partial.mp4", save / ".clipx.a1b2c3d4.partial.mp4", save / "clip.partial.mp4",
+            save / ".clip.a1b2c3d4.partial.mp4.txt", save / "notes.txt"]
+    for path in stale + kept:
+        path.write_bytes(b"left over")
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", save, *FAST)
+    assert code == 0, log
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_bytes() == b"left over" for p in kept)
+    assert log.count("left by an earlier run that was stopped") == 2
+
+
+def unet_config(tiny_config, tmp_path, **unet):
+    config = json.loads(Path(tiny_config).read_text())
+    config["unet"].update(unet)
+    path = tmp_path / "changed.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def deep_config(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    return path
+
+
+def latin1_config(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"unet": {"dim": 32}, "note": "caf\u00e9"}'.encode("latin-1"))
+    return path
+
+
+UNFRIENDLY = [
+    (lambda cfg, tmp: ["--config", cfg, "--device", "mps"], 2, "unsupported device 'mps'"),
+    (lambda cfg, tmp: ["--config", cfg, "--device", "meta"], 2, "unsupported device 'meta'"),
+    (lambda cfg, tmp: ["--config", unet_config(cfg, tmp, dim_mult=3)], 2, "config section 'unet'"),
+    (lambda cfg, tmp: ["--config", deep_config(tmp)], 2, "deep.json is nested too deeply"),
+    (lambda cfg, tmp: ["--config", latin1_config(tmp)], 2, "latin1.json is not UTF-8 text"),
+    (lambda cfg, tmp: ["--config", cfg, "--steps", "1000000000000", "--dry_run"], 2, "steps must be in [1, 1000]"),
+    (lambda cfg, tmp: ["--config", cfg, "--s_cond", "7.5"], 2, "argument --s_cond: invalid int value: '7.5'"),
+]
+
+
+@pytest.mark.parametrize("make_args,code,message", UNFRIENDLY)
+def test_unfriendly_inputs_give_one_line(tiny_config, clips, tmp_path, capsys, make_args, code, message):
+    args = [*FAST, *make_args(tiny_config, tmp_path)]
+    try:
+        got, log = run_main(capsys, "--input_path", clips / "with_audio.mp4", "--save_dir", tmp_path / "r", *args)
+    except SystemExit as exit_:  # argparse
+        got, log = exit_.code, capsys.readouterr().err
+    assert got == code, log
+    assert "Traceback" not in log
+    assert len(error_lines(log)) == 1 and message in error_lines(log)[0], log
+
+
+def test_extreme_aspect_ratio_names_the_input(tiny_config):
+    from types import SimpleNamespace
+
+    from venhancer.config import load_config
+    from venhancer.pipeline import EnhanceOptions, plan_video
+
+    info = SimpleNamespace(width=8000, height=2, fps=8.0, rate=Fraction(8), num_frames=9)
+    with pytest.raises(ValueError, match=r"input 8000x2 at up_scale 4 gives an output of \d+x0"):
+        plan_video(info, EnhanceOptions(), load_config(tiny_config).planning)
+
+
+def test_interrupt_before_the_run_is_one_line(tiny_config, clips, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while torch and the models' code are imported."""
+    import venhancer.distributed as distributed
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed.DistContext, "from_env", interrupted)
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / "with_audio.mp4",
+                         "--save_dir", tmp_path / "r", *FAST)
+    assert code == 130 and len(error_lines(log)) == 1 and "interrupted" in error_lines(log)[0]
+
+
+def test_missing_input_is_reported_before_torch_loads(tmp_path):
+    script = ("import sys; from venhancer import cli; "
+              "code = cli.main(['--input_path', 'no/such/clip.mp4']); "
+              "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout.strip() == "torch not loaded"
+    assert error_lines(proc.stderr) == ["error: input path not found: no/such/clip.mp4"]
+    proc = subprocess.run([sys.executable, "-c", script.replace("'no/such/clip.mp4'", "'x', '--config', 'no.json'")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.stdout.strip() == "torch not loaded" and proc.returncode == 2
+    assert error_lines(proc.stderr) == ["error: config file not found: no.json"]
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--steps", "3"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the following arguments are required: --input_path (see --help)"]
+
+
+def test_help_shows_each_default_once():
+    text = " ".join(cli.build_parser().format_help().split())
+    assert "(default: None)" not in text
+    assert "(default: info)" in text
+    config_help = text[text.rindex("--config CONFIG"):text.rindex("--device DEVICE")]
+    assert config_help.count("default") == 0 and "configs/venhancer.json" in config_help
+
+
+def test_offline_without_weights_is_one_short_line(tmp_path, clips, capsys, monkeypatch):
+    """The packaged config with nothing downloaded and no network: no download is tried, nothing
+    is left in ckpts/."""
+    import venhancer.loading as loading
+
+    monkeypatch.setattr(loading.hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(loading, "try_to_load_from_cache", lambda repo_id, filename: None)
+
+    def no_download(**kwargs):
+        raise AssertionError("no download may be tried")
+
+    monkeypatch.setattr(loading, "hf_hub_download", no_download)
+    monkeypatch.chdir(tmp_path)
+    code, log = run_main(capsys, "--input_path", clips / "with_audio.mp4", "--up_scale", "1", "--device", "cpu")
+    assert code == 1
+    assert len(error_lines(log)) == 1 and len(error_lines(log)[0].replace(str(tmp_path), "")) < 330, log
+    assert "could not load the models" in log and "HF_HUB_OFFLINE" in log
+    assert not (tmp_path / "ckpts").exists()
+
+
+def test_hub_messages_are_not_doubled():
+    cli.setup_logging("info")
+    assert logging.getLogger("huggingface_hub").handlers == []
+
+
+@pytest.mark.parametrize("target_fps", [40, 56, 72])  # 4, 6 and 8 frames inserted per pair
+def test_tiny_config_plans_every_interpolation(tiny_config, clips, tmp_path, capsys, target_fps):
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / "with_audio.mp4",
+                         "--save_dir", tmp_path / "r", "--dry_run", "--target_fps", target_fps)
+    assert code == 0, log
+    assert f"({target_fps // 8 - 1} inserted per pair)" in log
+
+
+# ------------------------------------------------------------------ issue 24: reference details
+
+def test_s_cond_is_an_integer():
+    from venhancer.pipeline import EnhanceOptions
+
+    assert cli.build_parser().parse_args(["--input_path", "x", "--s_cond", "7"]).s_cond == 7
+    with pytest.raises(ValueError, match="s_cond must be an integer, got 7.5"):
+        EnhanceOptions(s_cond=7.5)
+    assert EnhanceOptions(s_cond=7.0).s_cond == 7 and isinstance(EnhanceOptions(s_cond=7.0).s_cond, int)
+
+
+def test_prompt_sidecar_first_non_empty_line(tmp_path):
+    video = tmp_path / "clip.mp4"
+    (tmp_path / "clip.txt").write_text("\n   \nthe real prompt\nsecond\n")
+    assert cli.resolve_prompts([video], "default", "", False) == ["the real prompt"]
+
+
+def test_failed_video_is_named_once(tiny_config, tmp_path, capsys, monkeypatch):
+    import venhancer.pipeline as pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(pipeline.Enhancer, "_denoise", out_of_memory)
+    clip = make_clip(tmp_path / "000000.mp4")
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clip, "--save_dir", tmp_path / "r", *FAST)
+    assert code == 1
+    assert re.search(r"^error: failed: 000000\.mp4: out of CPU memory while denoising", log, re.M), log
+    assert "000000.mp4: 000000.mp4" not in log
+
+
+def test_console_script_is_the_tool():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"] == {"venhancer": "venhancer.cli:main"}
+    assert "main" in (ROOT / "enhance_a_video.py").read_text()
+    listed = {line.split(">=")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert listed == {d.split(">=")[0] for d in project["dependencies"]}
+
+
+def test_run_defaults_have_one_source():
+    from venhancer.options import EnhanceOptions
+
+    args = vars(cli.build_parser().parse_args(["--input_path", "x"]))
+    assert {k: args[k] for k in EnhanceOptions.defaults()} == EnhanceOptions.defaults()
+
+
+def test_case_insensitive_file_systems_are_respected(tmp_path, monkeypatch):
+    """Where names ignore case, a.mov's output a.mp4 is the input A.mp4."""
+    from venhancer.options import EnhanceOptions
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    videos = [folder / "A.mp4", folder / "a.mov"]
+    for video in videos:
+        video.write_bytes(b"x")
+    request = cli.Request(EnhanceOptions(), videos, ["p", "p"], folder, videos)
+    assert [name for name, _ in cli.plan_jobs(request, overwrite=True).failed] == ["A.mp4"]
+    monkeypatch.setattr(cli, "is_case_insensitive", lambda folder: True)
+    failed = cli.plan_jobs(request, overwrite=True).failed
+    assert [name for name, _ in failed] == ["A.mp4", "a.mov"]
+    assert "would overwrite the input" in failed[1][1] and "A.mp4" in failed[1][1]

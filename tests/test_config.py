@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from venhancer import planning
 from venhancer.config import DEFAULT_CONFIG_PATH, EnhancerConfig, load_config
 from venhancer.models import UNetConfig
-from venhancer import planning
 
 
 def write(tmp_path, data, name="cfg.json"):
@@ -110,3 +110,27 @@ def test_checkpoint_filename_lookup():
     assert ck.filename("v1") == "venhancer_paper.pt"
     with pytest.raises(ValueError, match=r"'v9'.*\['v1', 'v2'\]"):
         ck.filename("v9")
+
+
+def test_chunk_sizes_must_work_for_every_interpolation(tmp_path):
+    """Windows snapped to key-frame periods: chunk_len 8 leaves windows of 1 frame when 7 or 8
+    frames are inserted per pair, which would fail only once such a video is planned."""
+    path = tmp_path / "chunks.json"
+    path.write_text(json.dumps({"planning": {"chunk_len": 8, "chunk_overlap": 4}}))
+    with pytest.raises(ValueError, match="chunk_len 8 and chunk_overlap 4 give no valid window when 7 frames"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"unet": {"dim_mult": 3}}', "config section 'unet'"),
+    (b"[" * 100_000 + b"]" * 100_000, "is nested too deeply"),
+    ('{"note": "caf\u00e9"}'.encode("latin-1"), "is not UTF-8 text"),
+])
+def test_unreadable_configs_name_the_file(tmp_path, content, message):
+    path = tmp_path / "user.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    if "unet" not in message:
+        assert str(path) in str(info.value)

@@ -85,8 +85,8 @@ REPOS = {
 @pytest.mark.parametrize("which", list(RESOLVERS))
 @pytest.mark.parametrize(
     "exc, expected",
-    [(e, ["HF_HUB_OFFLINE=1", "cannot be reached"]) for e in OFFLINE]
-    + [(e, ["gated", "hf auth login", "huggingface-cli login", "HF_TOKEN"]) for e in GATED]
+    [(e, ["HF_HUB_OFFLINE=1", "no connection"]) for e in OFFLINE]
+    + [(e, ["gated", "hf auth login", "HF_TOKEN"]) for e in GATED]
     + [(e, ["not found" if isinstance(e, hub_errors.RepositoryNotFoundError) else "not in the repository"]) for e in NOT_FOUND],
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else "",
 )
@@ -95,7 +95,7 @@ def test_hub_failures_become_one_line_message(cfg, hub, which, exc, expected):
     with pytest.raises(WeightsUnavailableError) as info:
         RESOLVERS[which](cfg)
     message = str(info.value)
-    assert "\n" not in message
+    assert "\n" not in message and len(message.replace(str(cfg.checkpoints.local_dir), "")) < 330, message
     for fragment in expected + [LOCAL_HINTS[which], REPOS[which]]:
         assert fragment in message, (fragment, message)
     assert info.value.__cause__ is exc
@@ -206,3 +206,74 @@ def test_text_and_vae_downloads(cfg, hub, tmp_path):
         (REPOS["vae"], "vae/config.json"),
         (REPOS["vae"], "vae/diffusion_pytorch_model.fp16.safetensors"),
     ]
+
+
+@pytest.fixture
+def metadata(monkeypatch):
+    """Replace the hub's per-file metadata request; `metadata.answers` maps a file name to an
+    exception to raise (others answer fine); `metadata.asked` lists the files asked about."""
+    state = SimpleNamespace(asked=[], answers={}, timeouts=[])
+
+    def fake(url, timeout=None, **kwargs):
+        name = url.split("/resolve/main/")[-1]
+        state.asked.append(name)
+        state.timeouts.append(timeout)
+        if name in state.answers:
+            raise state.answers[name]
+        return SimpleNamespace(size=1)
+
+    monkeypatch.setattr(loading, "get_hf_file_metadata", fake)
+    monkeypatch.setattr(loading, "try_to_load_from_cache", lambda repo_id, filename: None)
+    monkeypatch.setattr(loading.hub_constants, "HF_HUB_OFFLINE", False)
+    return state
+
+
+def test_gated_file_is_found_before_any_download(cfg, hub, metadata):
+    """A user without access to the gated VAE learns it before gigabytes of other weights come down."""
+    metadata.answers["vae/diffusion_pytorch_model.fp16.safetensors"] = GATED[0]
+    with pytest.raises(WeightsUnavailableError, match="SVD temporal VAE: .*gated"):
+        loading.check_weights_available(cfg, "v1")
+    assert metadata.asked == ["venhancer_paper.pt", "open_clip_model.safetensors", "vae/config.json",
+                              "vae/diffusion_pytorch_model.fp16.safetensors"]
+    assert set(metadata.timeouts) == {loading.PREFLIGHT_TIMEOUT_S}
+    assert hub.calls == []
+
+
+def test_offline_fails_at_once_without_asking(cfg, hub, metadata, monkeypatch):
+    monkeypatch.setattr(loading.hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE") as info:
+        loading.check_weights_available(cfg, "v1")
+    assert "\n" not in str(info.value)
+    assert metadata.asked == [] and hub.calls == []
+
+
+def test_no_network_is_one_line(cfg, hub, metadata):
+    metadata.answers["venhancer_paper.pt"] = ConnectionError("Name or service not known")
+    with pytest.raises(WeightsUnavailableError, match="no connection"):
+        loading.check_weights_available(cfg, "v1")
+    assert metadata.asked == ["venhancer_paper.pt"]  # the first unreachable file ends it
+
+
+def test_files_present_need_no_question(tmp_path, metadata):
+    path = tmp_path / "local.json"
+    (tmp_path / "clip.safetensors").write_bytes(b"x")
+    (tmp_path / "vae").mkdir()
+    path.write_text(json.dumps({"checkpoints": {"paths": {"v1": "clip.safetensors"}},
+                                "text_encoder": {"path": "clip.safetensors"}, "vae": {"path": "vae"}}))
+    loading.check_weights_available(load_config(path), "v1")
+    assert metadata.asked == []
+
+
+def test_failed_download_leaves_no_lock_files(cfg, hub):
+    """huggingface_hub keeps locks and metadata in local_dir/.cache; a failed first download must
+    not leave them (nor an empty ckpts/ folder) behind."""
+    def behaviour(repo_id, filename, local_dir, **kwargs):
+        lock = Path(local_dir) / ".cache" / "huggingface" / "download" / f"{filename}.lock"
+        lock.parent.mkdir(parents=True)
+        lock.write_bytes(b"")
+        raise ConnectionError("connection reset")
+
+    hub.behaviour = behaviour
+    with pytest.raises(WeightsUnavailableError):
+        resolve_unet_checkpoint(cfg, "v2")
+    assert not cfg.checkpoints.local_dir.exists()

@@ -1,4 +1,4 @@
-"""Outputs for editing (venhancer.outputs, venhancer.color_fix): codecs, bit depths, frame folders,
+"""Outputs for editing (venhancer.output_formats, venhancer.color_fix): codecs, bit depths, frame folders,
 colour correction, and their command-line checks; the model runs use the tiny model set."""
 
 import json
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import venhancer.outputs as outputs
 from make_tiny_models import make_clip, make_tiny_models
 from test_cli import FAST, error_lines, restore_logging, run_main, stream_lines  # noqa: F401 (autouse fixture)
+
+import venhancer.output_formats as output_formats
 from venhancer.color_fix import ColorMatcher, adain, source_position, wavelet, wavelet_lowpass
-from venhancer.outputs import FrameFolderWriter, OutputOptions, OutputSink
+from venhancer.output_formats import FrameFolderWriter, OutputOptions, OutputSink
 from venhancer.video_io import VideoWriter, ffmpeg_exe, probe_video, read_video
 
 
@@ -146,7 +146,7 @@ def test_reference_output_keeps_the_old_writer_and_truncation(tmp_path, monkeypa
         def __init__(self, *args, **kwargs):
             made.append((args, kwargs))
 
-    monkeypatch.setattr(outputs, "VideoWriter", Recorder)
+    monkeypatch.setattr(output_formats, "VideoWriter", Recorder)
     sink = OutputSink(OutputOptions(), tmp_path / "a.mp4", None, 16, 8, 6, audio_source=None)
     assert made == [((tmp_path / "a.mp4", 16, 8, 6), {"audio_source": None, "sar": None})]
     chunk = torch.randn(3, 3, 6, 8, generator=torch.Generator().manual_seed(0)) * 0.7
@@ -178,7 +178,7 @@ def test_missing_encoder_support_is_reported(monkeypatch):
     # An ffmpeg whose libx264 has no 10-bit formats and which lacks libx265 altogether.
     table = {"libx264": frozenset({"yuv420p", "yuv444p"}), "libx265": None,
              "prores_ks": frozenset({"yuv422p10le"})}
-    monkeypatch.setattr(outputs, "_encoder_pix_fmts", lambda ffmpeg, encoder: table[encoder])
+    monkeypatch.setattr(output_formats, "_encoder_pix_fmts", lambda ffmpeg, encoder: table[encoder])
     OutputOptions(codec="h264", bit_depth=8).check_encoder()
     OutputOptions(codec="prores").check_encoder()
     with pytest.raises(ValueError, match=r"bit_depth 10 with codec h264 needs libx264 to encode yuv420p10le"):
@@ -211,7 +211,7 @@ def test_bad_combinations_on_the_command_line(tiny_config, soft_clip, tmp_path, 
 
 
 def test_missing_10_bit_h264_is_a_usage_error(tiny_config, soft_clip, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(outputs, "_encoder_pix_fmts", lambda ffmpeg, encoder: frozenset({"yuv420p"}))
+    monkeypatch.setattr(output_formats, "_encoder_pix_fmts", lambda ffmpeg, encoder: frozenset({"yuv420p"}))
     code, log = run_main(capsys, "--config", tiny_config, "--input_path", soft_clip, "--save_dir",
                          tmp_path / "r", *FAST, "--bit_depth", "10")
     assert code == 2 and "needs libx264 to encode yuv420p10le" in error_lines(log)[0]
@@ -232,6 +232,7 @@ def test_dry_run_and_resume_follow_the_codec(tiny_config, soft_clip, tmp_path, c
                          "--dry_run", "--codec", "prores", "--frames_dir")
     assert "0 planned, 0 skipped" not in log and "1 planned" in log
     (save / "soft_frames").mkdir()
+    (save / "soft.json").write_text("{}")  # a run is finished when its sidecar is there too
     code, log = run_main(capsys, "--config", tiny_config, "--input_path", soft_clip, "--save_dir", save, *FAST,
                          "--dry_run", "--codec", "prores", "--frames_dir")
     assert "soft.mp4: output exists, would be skipped" in log
@@ -387,3 +388,42 @@ def test_a_failed_run_leaves_neither_video_nor_frames(tmp_path):
         assert frames is video and video.dtype == np.uint16  # one 16-bit copy serves both
         sink.append([video, frames])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "a_frames"]
+
+
+def test_output_names_follow_the_codec_and_the_frame_folder(tmp_path):
+    """venhancer.outputs (pure Python) knows the codecs' extensions and the frame folder: names,
+    the finished rule (every requested output and the sidecar), name lengths, stale partials."""
+    from venhancer import outputs
+
+    assert outputs.output_path_for(Path("in/a.mov"), tmp_path) == tmp_path / "a.mp4"
+    assert outputs.output_path_for(Path("in/a.mp4"), tmp_path, ".mov") == tmp_path / "a.mov"
+    options = OutputOptions(codec="prores", frames_dir=True)
+    assert options.targets("in/a.mp4", tmp_path) == [tmp_path / "a.mov", tmp_path / "a_frames"]
+    assert options.sidecar_path("in/a.b.mp4", tmp_path) == tmp_path / "a.b.json"
+    frames_only = OutputOptions(frames_dir=True, video=False)
+    assert frames_only.targets("a.mp4", tmp_path) == [tmp_path / "a_frames"]
+    # finished: the .mov, the folder and the sidecar
+    (tmp_path / "a.mov").write_bytes(b"v")
+    (tmp_path / "a_frames").mkdir()
+    assert not outputs.is_finished(tmp_path / "a.mov", [tmp_path / "a_frames"], tmp_path / "a.json")
+    (tmp_path / "a.json").write_text("{}")
+    assert outputs.is_finished(tmp_path / "a.mov", [tmp_path / "a_frames"], tmp_path / "a.json")
+    assert outputs.is_finished(tmp_path / "a_frames", (), tmp_path / "a.json")
+    assert not outputs.is_finished(tmp_path / "a.mp4")
+    # the frame folder's temporary name is the longest one written
+    limit = outputs._name_max(tmp_path)
+    stem = "x" * (limit + 1 - len("._frames.xxxxxxxx.partial"))  # that name: limit + 1 bytes
+    outputs.check_output_names(tmp_path / f"{stem}.mp4")
+    with pytest.raises(ValueError, match="file name is too long"):
+        outputs.check_output_names(tmp_path / f"{stem}.mp4", frames=True)
+    # stale partials of a killed run: videos of any codec, sidecars, frame folders; nothing else
+    stale = [tmp_path / ".a.abcd_123.partial.mov", tmp_path / ".a.abcd_123.partial.mp4",
+             tmp_path / ".a.abcd_123.partial.json"]
+    for path in stale:
+        path.write_bytes(b"x")
+    (tmp_path / ".a_frames.abcd_123.partial").mkdir()
+    (tmp_path / ".a_frames.abcd_123.partial" / "000000.png").write_bytes(b"x")
+    (tmp_path / ".b.abcd_123.partial.mov").write_bytes(b"x")
+    assert outputs.stale_partials(tmp_path / "a.mov") == sorted([*stale, tmp_path / ".a_frames.abcd_123.partial"])
+    outputs.remove_stale_partials(tmp_path / "a.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.abcd_123.partial.mov", "a.json", "a.mov", "a_frames"]

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import venhancer.outputs as outputs
-import venhancer.pipeline as pipeline
 from make_tiny_models import make_clip, make_tiny_models
+
+import venhancer.output_formats as output_formats
+import venhancer.pipeline as pipeline
 from venhancer.config import load_config
 from venhancer.diffusion import diffuse
-from venhancer.pipeline import EnhanceError, Enhancer, EnhanceOptions, plan_video
+from venhancer.memory import PLANS
+from venhancer.pipeline import EnhanceError, EnhanceOptions, Enhancer, plan_video
 from venhancer.video_io import VideoInfo, probe_video, read_video
 
 NOISE_AUG = 150
@@ -95,7 +96,7 @@ def test_sampler_inputs_follow_spec(enhancer, clip, tmp_path, monkeypatch):
         assert uncond[key] is cond[key]
     assert kwargs["solver_mode"] == "normal" and kwargs["steps"] == 3
     assert kwargs["guide_scale"] == 5.0 and kwargs["guide_rescale"] == 0.2
-    assert kwargs["windows"] == [(0, 7), (4, 11), (8, 17)]
+    assert kwargs["windows"] == [(0, 9), (4, 13), (8, 17)]
 
     assert result.plan.out_frames == 17 and (result.plan.width, result.plan.height) == (112, 72)
     sidecar = json.loads(result.sidecar_path.read_text())
@@ -181,12 +182,12 @@ def test_decode_crop_clamp_and_truncation(enhancer, clip, tmp_path, monkeypatch)
     monkeypatch.setattr(pipeline, "decode_tiled", fake_decode)
     written = []
 
-    class Writer(outputs.VideoWriter):
+    class Writer(output_formats.VideoWriter):
         def append(self, frames):
             written.append(frames.copy())
             super().append(frames)
 
-    monkeypatch.setattr(outputs, "VideoWriter", Writer)  # the writer OutputSink opens
+    monkeypatch.setattr(output_formats, "VideoWriter", Writer)  # the writer OutputSink opens
     enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
     pixels = np.concatenate(written)
     assert pixels.shape == (17, 72, 112, 3) and pixels.dtype == np.uint8
@@ -199,7 +200,7 @@ def test_time_spent_waiting_for_the_writer_is_reported(enhancer, clip, tmp_path,
     ffmpeg's final flush happen while nothing is left to decode."""
     Spy(monkeypatch, "sample", lambda real, model, x_T, *a, **kw: x_T)
 
-    class SlowWriter(outputs.VideoWriter):
+    class SlowWriter(output_formats.VideoWriter):
         def append(self, frames):
             time.sleep(0.25)
             super().append(frames)
@@ -208,7 +209,7 @@ def test_time_spent_waiting_for_the_writer_is_reported(enhancer, clip, tmp_path,
             time.sleep(0.25)
             super().close()
 
-    monkeypatch.setattr(outputs, "VideoWriter", SlowWriter)
+    monkeypatch.setattr(output_formats, "VideoWriter", SlowWriter)
     timings = enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path).timings
     assert 0.45 <= timings["write_wait"] <= timings["decode_write"]
     assert read_video(tmp_path / "clip.mp4").frames.shape == (17, 72, 112, 3)
@@ -237,6 +238,8 @@ def test_out_of_memory_becomes_one_line_advice(enhancer, clip, tmp_path, monkeyp
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     Spy(monkeypatch, "sample", oom)
+    # The smallest memory plan: no smaller one to fall back to (tests/test_memory.py).
+    monkeypatch.setattr(enhancer, "memory_plan", PLANS[-1])
     with pytest.raises(EnhanceError, match=r"out of CPU memory while denoising \(112x72, 17 frames\): lower --up_scale"):
         enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -246,11 +249,11 @@ def test_low_vram_mode_same_result_in_smaller_passes(enhancer, clip, tmp_path, m
     """Low-VRAM mode: the network runs the small-pass preset, and the denoised latents are
     the normal mode's (pass sizes never change what is computed)."""
     from venhancer.models.layers import ResBlock
-    from venhancer.models.optimize import InferenceOptions
+    from venhancer.runtime import InferenceOptions
 
     small = Enhancer(enhancer.config, progress=False, low_vram=True)
     assert small.low_vram and not enhancer.low_vram  # the CPU never turns it on by itself
-    chunks = {m.frame_chunk for m in small.unet.modules() if isinstance(m, ResBlock)}
+    chunks = {m.settings.conv_frame_chunk for m in small.unet.modules() if isinstance(m, ResBlock)}
     assert chunks == {InferenceOptions.low_vram().conv_frame_chunk}
     latents = []
 
@@ -327,19 +330,6 @@ def test_noise_aug_is_clamped_with_a_warning(caplog):
         assert EnhanceOptions(noise_aug=-5).noise_aug == 0
         assert EnhanceOptions(noise_aug=301).noise_aug == 300
     assert "noise_aug 301 is outside [0, 300]; using 300" in caplog.text
-
-
-def test_memory_modes_follow_free_gpu_memory():
-    """Automatic choices by the free GPU memory at start (None: not a GPU)."""
-    bare = Enhancer.__new__(Enhancer)
-    assert bare._choose_low_vram(None, 16.0) and not bare._choose_low_vram(None, 22.0)
-    assert not bare._choose_low_vram(None, None)  # never automatic off a GPU
-    assert bare._choose_low_vram(True, 80.0) and not bare._choose_low_vram(False, 8.0)
-    bare.low_vram = False
-    assert bare._choose_branch_sharing(None) and bare._choose_branch_sharing(40.0)
-    assert not bare._choose_branch_sharing(23.0)  # a 24 GB card: branches one after the other
-    bare.low_vram = True
-    assert not bare._choose_branch_sharing(80.0)
 
 
 def test_background_load_gives_the_same_video(enhancer, clip, tmp_path, monkeypatch):

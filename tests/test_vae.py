@@ -253,7 +253,7 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request, monkeypatch):
     from diffusers.models.resnet import ResnetBlock2D, SpatioTemporalResBlock, TemporalResnetBlock
     from diffusers.models.upsampling import Upsample2D
 
-    from venhancer.models.layers import GroupNorm32
+    from venhancer.runtime.layers import FastGroupNorm
     from venhancer.vae import optimize_vae
 
     vae = request.getfixturevalue(which)
@@ -261,7 +261,7 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request, monkeypatch):
     before, after = vae.state_dict(), fast.state_dict()
     assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(type(m) is torch.nn.GroupNorm for m in fast.modules())
-    assert any(isinstance(m, GroupNorm32) and m.fused for m in fast.modules())
+    assert any(isinstance(m, FastGroupNorm) and m.settings.fused_kernels for m in fast.modules())
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     # Every resnet block of the encoder and decoder runs the folded forward.
@@ -272,7 +272,7 @@ def test_optimize_vae_keeps_weights_and_outputs(which, request, monkeypatch):
     assert upsamplers and all(type(m).__name__ == "_TransposedUpsample2D" for m in upsamplers)
     processors = [m.processor for m in fast.modules() if hasattr(m, "set_processor")]
     assert len(processors) == 2 and all(type(p).__name__ == "_WideHeadAttnProcessor" for p in processors)
-    import venhancer.vae as vae_module
+    import venhancer.runtime.vae as vae_module
 
     scaled_adds = []
     plain_add = vae_module.add_with_channel_bias
@@ -312,7 +312,7 @@ def test_wide_head_attention_processor_matches_diffusers_sdpa(monkeypatch):
     and half precision on a PyTorch without float32-output products keep the stock path."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    import venhancer.vae as vae_module
+    import venhancer.runtime.vae as vae_module
     from venhancer.vae import optimize_vae
 
     def mid_block_attention(width):

@@ -31,7 +31,7 @@ def test_a_failing_warmup_is_only_logged(monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger="venhancer.warmup"):
         thread = warmup.start_cuda_warmup("auto")
         thread.join(timeout=30)
-    assert seen == [(torch.device("cuda"), "venhancer.models.kernels")]
+    assert seen == [(torch.device("cuda"), "venhancer.runtime.ops")]
     assert "GPU warm-up skipped: driver too old" in caplog.text
 
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-COLOR_FIXES: tuple[str, ...] = ("none", "adain", "wavelet")
+from venhancer.output_formats import COLOR_FIXES  # noqa: F401  (this module's API; defined torch-free there)
+
 WAVELET_LEVELS = 5
 WAVELET_REFINE = 8
 # Keeps flat frames (a standard deviation of 0) finite; far below one 16-bit level.

@@ -16,8 +16,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from venhancer.models.config import UNetConfig
+from venhancer.options import first_line
+from venhancer.planning import MAX_INSERTED, chunk_window_params
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "venhancer.json"
+
+def _packaged_config() -> Path:
+    """configs/venhancer.json: installed as venhancer/configs/ (pyproject.toml), or at the top of
+    a checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs" / "venhancer.json"
+    return installed if installed.is_file() else package.parent / "configs" / "venhancer.json"
+
+
+DEFAULT_CONFIG_PATH = _packaged_config()
 DEFAULT_CKPT_DIR = "ckpts"
 
 
@@ -60,6 +71,9 @@ class VaeConfig:
 
 @dataclass(frozen=True)
 class PlanningConfig:
+    """Sizes and windows of a run. configs/venhancer.json holds the values (no defaults here);
+    venhancer.planning's constants are the reference's, which tests compare with that file."""
+
     area_min: float
     area_max: float
     chunk_len: int
@@ -70,7 +84,7 @@ class PlanningConfig:
     vae_frame_overlap: int
     # Smallest padded frame (height, width) handed to the network: 720x1280 in the reference;
     # tiny test configs use less. Keep height % 64 == 16 and width % 64 == 0.
-    pad_min: tuple[int, int] = (720, 1280)
+    pad_min: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -108,10 +122,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise OSError(f"config file {path} cannot be read: {err.strerror or err}") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path} is nested too deeply to be a config") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a JSON object, got {type(raw).__name__}")
     return raw
@@ -251,6 +271,14 @@ def _parse_planning(raw: dict[str, Any]) -> PlanningConfig:
     chunk_overlap = _int("planning.chunk_overlap", raw["chunk_overlap"], 1)
     if chunk_overlap >= chunk_len:
         raise ValueError(f"planning.chunk_overlap {chunk_overlap} must be smaller than chunk_len {chunk_len}")
+    # The windows are snapped to whole key-frame periods (k + 1 frames, k up to MAX_INSERTED):
+    # every k must leave a window longer than its overlap, or such runs would fail when planned.
+    for k in range(MAX_INSERTED + 1):
+        try:
+            chunk_window_params(k, chunk_len, chunk_overlap)
+        except ValueError as err:
+            raise ValueError(f"planning.chunk_len {chunk_len} and chunk_overlap {chunk_overlap} give no valid "
+                             f"window when {k} frames are inserted per pair ({err})") from None
     tile = _pair("planning.vae_tile", raw["vae_tile"], 1)
     tile_overlap = _pair("planning.vae_tile_overlap", raw["vae_tile_overlap"], 0)
     for axis, size, overlap in zip(("height", "width"), tile, tile_overlap):
@@ -278,6 +306,13 @@ def _parse_planning(raw: dict[str, Any]) -> PlanningConfig:
     )
 
 
+def _parse_unet(raw: dict[str, Any]) -> UNetConfig:
+    try:
+        return UNetConfig.from_dict(raw)
+    except (TypeError, ValueError) as err:  # a value of the wrong type (a number for a list) is a TypeError there
+        raise ValueError(f"config section 'unet': {first_line(err)}") from None
+
+
 def _parse(raw: dict[str, Any]) -> EnhancerConfig:
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
@@ -285,7 +320,7 @@ def _parse(raw: dict[str, Any]) -> EnhancerConfig:
     if not isinstance(raw.get("unet"), dict):
         raise ValueError(f"config section 'unet' must be an object, got {raw.get('unet')!r}")
     return EnhancerConfig(
-        unet=UNetConfig.from_dict(raw["unet"]),
+        unet=_parse_unet(raw["unet"]),
         checkpoints=_parse_checkpoints(raw.get("checkpoints")),
         text_encoder=_parse_text_encoder(raw.get("text_encoder")),
         vae=_parse_vae(raw.get("vae")),

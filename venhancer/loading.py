@@ -8,15 +8,18 @@ import importlib
 import logging
 import os
 import pickle
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
-from huggingface_hub import hf_hub_download
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
 from venhancer.config import EnhancerConfig
 from venhancer.models import UNetConfig, VEnhancerUNet
+from venhancer.options import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,8 @@ _STATE_DICT_WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    text = first_line(exc)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _torch_load(path: Path):
@@ -233,31 +236,32 @@ def _status(exc: BaseException) -> int | None:
 
 
 def _explain(exc: BaseException, repo_id: str) -> str | None:
-    """Cause and remedy for a hub failure, or None when `exc` is not a hub/network failure."""
-    login = (
-        f"accept its terms at {_HUB}/{repo_id} while logged in, then run `hf auth login` "
-        "(older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
-    )
+    """Cause and remedy for a hub failure in a few words, or None when `exc` is not a hub/network failure."""
+    login = "`hf auth login` or HF_TOKEN"
     if isinstance(exc, hub_errors.GatedRepoError) or (
         isinstance(exc, hub_errors.HfHubHTTPError) and _status(exc) == 403
     ):
-        return f"the repository {repo_id} is gated; {login}"
+        return f"the repository is gated: accept its terms on that page, then {login}"
     if isinstance(exc, hub_errors.RepositoryNotFoundError) or (
         isinstance(exc, hub_errors.HfHubHTTPError) and _status(exc) == 401
     ):
         # The hub answers 401 both for a missing repository and for a private/gated one without login.
-        return f"the repository {repo_id} was not found or needs a login; check the repo id, or {login}"
+        return f"repository not found, or it needs a login ({login})"
     if isinstance(exc, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, *_transport_errors())):
-        return (
-            "the Hugging Face Hub cannot be reached (no network, or HF_HUB_OFFLINE=1) and no downloaded copy "
-            "was found; connect and retry, or fetch the file on a connected machine and use it locally "
-            "(files already in the Hugging Face cache are used offline with HF_HUB_OFFLINE=1)"
-        )
+        return "no connection to the Hugging Face Hub (or HF_HUB_OFFLINE=1)"
     if isinstance(exc, (hub_errors.EntryNotFoundError, hub_errors.RevisionNotFoundError)):
-        return f"the file is not in the repository {repo_id}; check the file name in the config"
+        return "the file is not in the repository; check the file name in the config"
     if isinstance(exc, hub_errors.HfHubHTTPError):
         return f"the Hugging Face Hub answered with an error ({_status(exc)}); retry later"
     return None
+
+
+def _unavailable(what: str, repo_id: str, filename: str, where: str, local_hint: str, reason: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(f"{what}: cannot download {filename} from {_HUB}/{repo_id} into {where}: {reason}; "
+                                   f"or {local_hint}")
+
+
+_CACHE_WHERE = "the Hugging Face cache"
 
 
 def _download(
@@ -272,25 +276,26 @@ def _download(
     With `local_dir` the file lands at local_dir/filename; otherwise in the Hugging Face cache.
     huggingface_hub writes to a temporary name and renames when complete; should a failed call
     still leave the final name behind (other hub versions, a killed transfer), it is removed here,
-    so a file at the final name is always complete.
+    so a file at the final name is always complete. So are the lock and metadata files it keeps
+    in local_dir/.cache, when that folder was not there before.
     """
     final = None if local_dir is None else local_dir / filename
     existed = final is not None and final.exists()
-    where = f"at {final}" if final is not None else "in the Hugging Face cache (HF_HOME, default ~/.cache/huggingface)"
+    hub_cache = None if local_dir is None else local_dir / ".cache"
+    cache_existed = hub_cache is not None and hub_cache.exists()
+    where = str(final) if final is not None else _CACHE_WHERE
     logger.info("fetching %s: %s/%s -> %s", what, repo_id, filename, where)
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=local_dir))
     except BaseException as exc:
         if final is not None and not existed and final.exists():
             final.unlink()
+        if hub_cache is not None and not cache_existed:
+            shutil.rmtree(hub_cache, ignore_errors=True)
         reason = _explain(exc, repo_id)
         if reason is None:
             raise
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise WeightsUnavailableError(
-            f"{what} ({filename} from {_HUB}/{repo_id}) is not available: {reason}; "
-            f"expected {where}; or {local_hint}. [{type(exc).__name__}: {first_line}]"
-        ) from exc
+        raise _unavailable(what, repo_id, filename, where, local_hint, reason) from exc
 
 
 def _local(what: str, path: Path, source: str, folder: bool = False) -> Path:
@@ -318,19 +323,33 @@ def resolve_unet_checkpoint(cfg: EnhancerConfig, version: str, model_path: str |
     if target.is_file():
         # Present already (downloaded before or copied by hand): no network, as in the reference.
         return target
+    created = not ckpt.local_dir.exists()
     ckpt.local_dir.mkdir(parents=True, exist_ok=True)
-    hint = f"pass --model_path FILE or set checkpoints.paths.{version} in the config"
-    return _download(what, ckpt.repo_id, filename, hint, local_dir=ckpt.local_dir)
+    try:
+        return _download(what, ckpt.repo_id, filename, _unet_hint(version), local_dir=ckpt.local_dir)
+    except BaseException:
+        if created and not any(ckpt.local_dir.iterdir()):
+            ckpt.local_dir.rmdir()
+        raise
+
+
+def _unet_hint(version: str) -> str:
+    return f"use --model_path FILE, or checkpoints.paths.{version} in the config"
+
+
+_TEXT_HINT = "set text_encoder.path in the config to a local open_clip file"
+_VAE_HINT = "set vae.path in the config to a local diffusers folder"
+# Seconds to wait for the hub's answer about one file before calling it unreachable.
+PREFLIGHT_TIMEOUT_S = 5.0
 
 
 def resolve_text_encoder_weights(cfg: EnhancerConfig) -> Path:
     """Local path of the OpenCLIP checkpoint: config `text_encoder.path`, else the hub (HF cache)."""
     te = cfg.text_encoder
-    what = f"OpenCLIP {te.arch} ({te.pretrained}) weights"
+    what = f"OpenCLIP {te.arch} weights"
     if te.path is not None:
         return _local(what, te.path, "config text_encoder.path")
-    hint = "set text_encoder.path in the config to a local open_clip checkpoint (.safetensors or .bin)"
-    return _download(what, te.repo_id, te.filename, hint)
+    return _download(what, te.repo_id, te.filename, _TEXT_HINT)
 
 
 def resolve_vae(cfg: EnhancerConfig) -> Path:
@@ -342,8 +361,49 @@ def resolve_vae(cfg: EnhancerConfig) -> Path:
     what = "SVD temporal VAE"
     if vae.path is not None:
         return _local(what, vae.path, "config vae.path", folder=True)
+    config_file, weights = _vae_files(cfg)
+    config_path = _download(what, vae.repo_id, config_file, _VAE_HINT)
+    _download(what, vae.repo_id, weights, _VAE_HINT)
+    return config_path.parent
+
+
+def _vae_files(cfg: EnhancerConfig) -> tuple[str, str]:
+    vae = cfg.vae
     weights = "diffusion_pytorch_model.safetensors" if vae.variant is None else f"diffusion_pytorch_model.{vae.variant}.safetensors"
-    hint = "set vae.path in the config to a local diffusers folder (config.json + weights)"
-    config_file = _download(what, vae.repo_id, f"{vae.subfolder}/config.json", hint)
-    _download(what, vae.repo_id, f"{vae.subfolder}/{weights}", hint)
-    return config_file.parent
+    return f"{vae.subfolder}/config.json", f"{vae.subfolder}/{weights}"
+
+
+def _missing_hub_files(cfg: EnhancerConfig, version: str, model_path: str | os.PathLike | None) -> list[tuple[str, ...]]:
+    """(what, repo_id, filename, where, local hint) of each file that will have to be downloaded."""
+    missing = []
+    ckpt = cfg.checkpoints
+    filename = ckpt.filename(version)
+    if not model_path and ckpt.paths.get(version) is None and not (ckpt.local_dir / filename).is_file():
+        missing.append((f"VEnhancer checkpoint {version}", ckpt.repo_id, filename, str(ckpt.local_dir / filename),
+                        _unet_hint(version)))
+    te = cfg.text_encoder
+    hub_files = []
+    if te.path is None:
+        hub_files.append((f"OpenCLIP {te.arch} weights", te.repo_id, te.filename, _TEXT_HINT))
+    if cfg.vae.path is None:
+        hub_files += [("SVD temporal VAE", cfg.vae.repo_id, name, _VAE_HINT) for name in _vae_files(cfg)]
+    for what, repo_id, name, hint in hub_files:
+        if not isinstance(try_to_load_from_cache(repo_id, name), str):
+            missing.append((what, repo_id, name, _CACHE_WHERE, hint))
+    return missing
+
+
+def check_weights_available(cfg: EnhancerConfig, version: str, model_path: str | os.PathLike | None = None) -> None:
+    """Before any download: ask the hub about every file still missing, so that no access problem
+    (no network, a gated repository) shows up only after gigabytes of other files. Raises
+    WeightsUnavailableError at the first problem; waits at most PREFLIGHT_TIMEOUT_S per file."""
+    for what, repo_id, filename, where, hint in _missing_hub_files(cfg, version, model_path):
+        try:
+            if hub_constants.HF_HUB_OFFLINE:
+                raise hub_errors.OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
+            get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=PREFLIGHT_TIMEOUT_S)
+        except Exception as exc:
+            reason = _explain(exc, repo_id)
+            if reason is None:
+                raise
+            raise _unavailable(what, repo_id, filename, where, hint, reason) from exc

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,14 +34,28 @@ from tqdm import tqdm
 from venhancer import __version__
 from venhancer.color_fix import ColorMatcher
 from venhancer.config import EnhancerConfig, PlanningConfig, load_config
-from venhancer.diffusion import NOISE_AUG_MAX, T_MAX, noise_hint, num_model_evals, sample, start_latent
+from venhancer.diffusion import T_MAX, noise_hint, num_model_evals, sample, start_latent
 from venhancer.diffusion.chunking import evaluate_sequential, evaluate_shared_prefix
 from venhancer.distributed import PeerOutOfMemory, solo
-from venhancer.loading import load_unet_cached, resolve_text_encoder_weights, resolve_unet_checkpoint, resolve_vae
+from venhancer.loading import (
+    check_weights_available,
+    load_unet_cached,
+    resolve_text_encoder_weights,
+    resolve_unet_checkpoint,
+    resolve_vae,
+)
+from venhancer.memory import MemoryPlan, WeightStreamer, budget_gb, choose_plan, next_plan, peak_host_gb
 from venhancer.models import VEnhancerUNet
-from venhancer.models.optimize import InferenceOptions, optimize_for_inference
 from venhancer.offload import HostCopy
-from venhancer.outputs import OutputOptions, OutputSink
+from venhancer.options import MAX_UP_SCALE, SOLVER_MODES, EnhanceOptions  # noqa: F401  (this module's API)
+from venhancer.output_formats import OutputOptions, OutputSink
+from venhancer.outputs import (
+    check_output_names,
+    is_finished,
+    output_path_for,
+    prepare_save_dir,
+    remove_stale_partials,
+)
 from venhancer.planning import (
     chunk_windows,
     interp_frames,
@@ -52,23 +65,17 @@ from venhancer.planning import (
     pad_to_fit,
     target_resolution,
 )
+from venhancer.runtime import optimize_for_inference
 from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
 from venhancer.video_io import Video, VideoInfo, apply_umask, iter_frames, probe_video
 
 logger = logging.getLogger(__name__)
 
-SOLVER_MODES = ("fast", "normal")
 VERSIONS = ("v1", "v2")
 GUIDE_RESCALE = 0.2
-MAX_UP_SCALE = 8.0
 LATENT_FACTOR = 8
 # Frames resized and padded at once before encoding: bounds the full-resolution float tensors.
 _FRAME_BATCH = 8
-# Automatic low-VRAM mode below this much free GPU memory at start: the default settings peak
-# at ~19 GB reserved on the seed clip with the guidance branches one after the other, 22.7 GB
-# when they share their first layers (README, Performance), which needs this much free memory.
-LOW_VRAM_BELOW_GB = 21.0
-SHARED_BRANCH_PREFIX_FROM_GB = 26.0
 
 
 class EnhanceError(RuntimeError):
@@ -81,62 +88,6 @@ class ModelLoadError(RuntimeError):
 
 class DeviceError(RuntimeError):
     """The requested device does not exist on this machine."""
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-@dataclass(frozen=True)
-class EnhanceOptions:
-    """Per-video settings; defaults are the reference's. Invalid values raise ValueError."""
-
-    up_scale: float = 4.0
-    target_fps: float = 24.0
-    noise_aug: int = 200
-    solver_mode: str = "fast"
-    steps: int = 15
-    cfg: float = 7.5
-    s_cond: float = 8.0
-    seed: int = 666
-
-    def __post_init__(self) -> None:
-        up_scale = _finite("up_scale", self.up_scale)
-        if not 0 < up_scale <= MAX_UP_SCALE:
-            raise ValueError(f"up_scale must be in (0, {MAX_UP_SCALE:g}], got {self.up_scale!r}")
-        target_fps = _finite("target_fps", self.target_fps)
-        if target_fps <= 0:
-            raise ValueError(f"target_fps must be > 0, got {self.target_fps!r}")
-        noise_aug = _integer("noise_aug", self.noise_aug)
-        if not 0 <= noise_aug <= NOISE_AUG_MAX:
-            clamped = min(max(noise_aug, 0), NOISE_AUG_MAX)
-            logger.warning("noise_aug %d is outside [0, %d]; using %d", noise_aug, NOISE_AUG_MAX, clamped)
-            noise_aug = clamped
-        if self.solver_mode not in SOLVER_MODES:
-            raise ValueError(f"solver_mode must be one of {SOLVER_MODES}, got {self.solver_mode!r}")
-        steps = _integer("steps", self.steps)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps!r}")
-        cfg = _finite("cfg", self.cfg)
-        if cfg < 1:
-            raise ValueError(f"cfg (guidance scale) must be >= 1, got {self.cfg!r}")
-        s_cond = _finite("s_cond", self.s_cond)
-        if s_cond < 0:
-            raise ValueError(f"s_cond must be >= 0, got {self.s_cond!r}")
-        seed = _integer("seed", self.seed)
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
-        for name, value in (("up_scale", up_scale), ("target_fps", target_fps), ("noise_aug", noise_aug),
-                            ("steps", steps), ("cfg", cfg), ("s_cond", s_cond), ("seed", seed)):
-            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)
@@ -194,6 +145,10 @@ def plan_video(info: VideoInfo, options: EnhanceOptions, planning: PlanningConfi
     frames = output_frame_count(info.num_frames, k)
     height, width = target_resolution(info.height, info.width, options.up_scale,
                                       area_min=planning.area_min, area_max=planning.area_max)
+    if min(height, width) < 2:
+        raise ValueError(f"input {info.width}x{info.height} at up_scale {options.up_scale:g} gives an output of "
+                         f"{width}x{height} (the output area is bounded); an aspect ratio this extreme "
+                         "cannot be enhanced")
     padding = pad_to_fit(height, width, min_height=planning.pad_min[0], min_width=planning.pad_min[1])
     windows = chunk_windows(frames, k, max_len=planning.chunk_len, overlap=planning.chunk_overlap)
     return VideoPlan(input=info, k=k, out_fps=float(out_rate), out_frames=frames,
@@ -221,6 +176,8 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise DeviceError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"unsupported device {name!r}: only cpu and cuda are supported (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device {name!r} requested but CUDA is not available "
@@ -244,22 +201,15 @@ def resolve_dtype(name: Optional[str | torch.dtype], device: torch.device) -> to
     return DTYPES[name]
 
 
-def output_path_for(video: Path, save_dir: Path, output: Optional[OutputOptions] = None) -> Path:
-    """Main output: the input stem + the codec's extension (the reference's .mp4 by default) inside
-    the save directory; the frame folder when no video is written."""
-    return (output or OutputOptions()).targets(video, save_dir)[0]
-
-
-def prepare_save_dir(save_dir: Path) -> Path:
-    """Create `save_dir` if needed and prove it is writable; raises OSError with a one-line message."""
-    save_dir = Path(save_dir)
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=save_dir):
-            pass
-    except OSError as exc:
-        raise OSError(f"save directory {save_dir} cannot be created or written: {exc.strerror or exc}") from exc
-    return save_dir
+def _usable_gpu_gb(device: torch.device) -> float | None:
+    """GPU memory this process can use: the free memory, or the allocator's cap
+    (torch.cuda.set_per_process_memory_fraction) if lower; None off a GPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer PyTorch only
+    fraction = 1.0 if get_fraction is None else get_fraction(device)
+    return min(free, fraction * total) / 1e9
 
 
 def _loaded(future: Future, what: str) -> Any:
@@ -279,6 +229,7 @@ def _keeping(batches: Iterable[np.ndarray], kept: list[np.ndarray]) -> Iterator[
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    # The temporary name follows venhancer.outputs (checked, and cleaned after a killed run, there).
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.json", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -291,6 +242,27 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+class _ReportingBar:
+    """A tqdm bar that also reports its count to `Enhancer.progress_callback` (a disabled tqdm
+    bar does not count, and the callback must work without a terminal)."""
+
+    def __init__(self, bar: tqdm, phase: str, total: int, callback: Callable[[str, int, int], None]):
+        self.bar, self.phase, self.total, self.done, self.callback = bar, phase, total, 0, callback
+
+    def __enter__(self) -> _ReportingBar:
+        self.bar.__enter__()
+        self.callback(self.phase, 0, self.total)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.bar.__exit__(*exc_info)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        self.callback(self.phase, self.done, self.total)
+
+
 class Enhancer:
     """The three models, loaded once; `enhance()` processes one video per call.
 
@@ -298,8 +270,12 @@ class Enhancer:
     version: "v1" (venhancer_paper.pt) or "v2" (venhancer_v2.pt); model_path overrides the checkpoint.
     device: "auto"/None, "cpu", "cuda", "cuda:N". dtype: None (auto), a torch dtype or its name.
     progress: show tqdm bars (on a terminal) for encoding, denoising and decoding.
-    low_vram: True for small network passes (`InferenceOptions.low_vram`) and the VAE kept in CPU
-    memory while denoising; None decides by the GPU's free memory (`LOW_VRAM_BELOW_GB`).
+    progress_callback: called as (phase, done, total) where those bars start and advance, phase
+    "encode" or "decode" (frames) or "denoise" (solver steps); on the thread running the video.
+    max_vram_gb: the GPU memory the run may use; the fastest `venhancer.memory` plan that fits it
+    runs, and a smaller one after running out of memory. None: the GPU's free memory at start (or
+    the allocator's cap, if lower); on the CPU the fastest plan unless a number is given.
+    low_vram: True is `max_vram_gb=memory.LOW_VRAM_BUDGET_GB`; False plans for at least 21 GB.
 
     background_load: load the network (then the text encoder) on a worker thread with its own
     CUDA stream, and encode each video's prompt there, while the calling thread loads the VAE and
@@ -315,7 +291,9 @@ class Enhancer:
     def __init__(self, config: EnhancerConfig | str | os.PathLike | None = None, version: str = "v1",
                  model_path: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str | torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
-                 background_load: bool = False):
+                 background_load: bool = False,
+                 progress_callback: Optional[Callable[[str, int, int], None]] = None,
+                 max_vram_gb: float | None = None):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.config = config if isinstance(config, EnhancerConfig) else load_config(config)
@@ -323,13 +301,19 @@ class Enhancer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress = progress
-        free_gb = torch.cuda.mem_get_info(self.device)[0] / 1e9 if self.device.type == "cuda" else None
-        self.low_vram = self._choose_low_vram(low_vram, free_gb)
-        self.share_branch_prefix = self._choose_branch_sharing(free_gb)
+        self.progress_callback = progress_callback
+        self.budget_gb = budget_gb(max_vram_gb, low_vram, _usable_gpu_gb(self.device))
+        self.memory_plan: MemoryPlan = choose_plan(self.budget_gb)
+        budget = "no GPU memory limit" if self.budget_gb is None else f"{self.budget_gb:.1f} GB GPU budget"
+        logger.info("%s: %s", budget, self.memory_plan.describe())
+        self.memory_fallbacks: list[dict[str, str]] = []  # plans given up after running out of memory
+        self.streamer: WeightStreamer | None = None
         self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
         self.denoise_start_unix_time: float | None = None  # set when the running video starts denoising
         self.solver_step_seconds: list[float] = []  # of the running video, one entry per solver step
-        # Resolve (and download if needed) every file before loading any: a missing one fails fast.
+        # Resolve (and download if needed) every file before loading any: a missing one fails fast,
+        # and an unreachable or gated one before any other is downloaded.
+        check_weights_available(self.config, version, model_path or None)
         self.unet_path = resolve_unet_checkpoint(self.config, version, model_path or None)
         text_path = resolve_text_encoder_weights(self.config)
         vae_source = resolve_vae(self.config)
@@ -350,16 +334,18 @@ class Enhancer:
         self.vae = load_vae(vae_source, device=self.device, dtype=self.dtype)
         if self.device.type == "cuda":
             optimize_vae(self.vae)
-        # In low-VRAM mode the VAE waits in CPU memory while the network runs.
-        self.vae_weights = HostCopy(self.vae) if self.low_vram and self.device.type == "cuda" else None
+        # Plans that offload it: the VAE waits in CPU memory while the network runs.
+        self.vae_weights = HostCopy(self.vae) if self.memory_plan.vae_offload and self.device.type == "cuda" else None
         self.load_timings["load_vae"] = time.perf_counter() - start
 
     def _load_network(self) -> VEnhancerUNet:
         start = time.perf_counter()
         logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
         unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
-        # Same function, faster kernels and a smaller footprint (venhancer.models.optimize).
-        optimize_for_inference(unet, InferenceOptions.low_vram() if self.low_vram else None)
+        # Same function, faster kernels and a smaller footprint (venhancer.runtime).
+        optimize_for_inference(unet, self.memory_plan.inference)
+        if self.memory_plan.stream_weights:
+            self.streamer = WeightStreamer(unet, self.device, prefetch=self.memory_plan.prefetch_units)
         self.load_timings["load_network"] = time.perf_counter() - start
         return unet
 
@@ -406,45 +392,52 @@ class Enhancer:
         together, sharing the layers before the first cross-attention, where memory allows
         (their activations stay in memory meanwhile: 2-3 GB more at the seed clip's size); else
         one by one."""
-        return evaluate_shared_prefix if self.share_branch_prefix else evaluate_sequential
+        evaluate = evaluate_shared_prefix if self.share_branch_prefix else evaluate_sequential
+        # The streamer learns the order of the network's blocks from the first solver call.
+        return evaluate if self.streamer is None else self.streamer.wrap_evaluator(evaluate)
 
-    def _choose_branch_sharing(self, free_gb: float | None) -> bool:
-        """free_gb: free GPU memory at start (None: not a GPU)."""
-        if self.low_vram:
-            return False
-        if free_gb is not None and free_gb < SHARED_BRANCH_PREFIX_FROM_GB:
-            logger.info("%.1f GB GPU memory free: the guidance branches run one after the other (%.0f GB "
-                        "or more free lets them share their first layers, ~10%% faster)", free_gb,
-                        SHARED_BRANCH_PREFIX_FROM_GB)
-            return False
-        return True
+    @property
+    def low_vram(self) -> bool:
+        """Whether the network runs in smaller passes than the default (the memory plan's)."""
+        return self.memory_plan.small_passes
 
-    def _choose_low_vram(self, requested: bool | None, free_gb: float | None) -> bool:
-        """free_gb: free GPU memory at start (None: not a GPU, where the mode is never automatic)."""
-        if requested is not None:
-            return bool(requested)
-        if free_gb is not None and free_gb < LOW_VRAM_BELOW_GB:
-            logger.info("%.1f GB GPU memory free: low-VRAM mode on (--no-low_vram turns it off)", free_gb)
-            return True
-        return False
+    @property
+    def share_branch_prefix(self) -> bool:
+        return self.memory_plan.shared_branch_prefix
+
+    def _use_plan(self, plan: MemoryPlan) -> None:
+        """Switch to a smaller plan. Plans differ in pass sizes and placement only, never in the
+        weights' layout, so the network is reconfigured in place."""
+        self.memory_plan = plan
+        unet = self.unet
+        if self.streamer is not None:
+            self.streamer.reconfigure(lambda model: optimize_for_inference(model, plan.inference))
+        else:
+            optimize_for_inference(unet, plan.inference)
+            if plan.stream_weights:
+                self.streamer = WeightStreamer(unet, self.device, prefetch=plan.prefetch_units)
+        if plan.vae_offload and self.vae_weights is None and self.device.type == "cuda":
+            self.vae_weights = HostCopy(self.vae)
+            self.vae_weights.leave()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def planning(self) -> PlanningConfig:
         return self.config.planning
 
-    def enhance(self, path: str | os.PathLike, prompt: str = "a good video", up_scale: float = 4,
-                target_fps: float = 24, noise_aug: int = 200, solver_mode: str = "fast", steps: int = 15,
-                cfg: float = 7.5, s_cond: float = 8, seed: int = 666, save_dir: str | os.PathLike = "results",
-                overwrite: bool = False, output: Optional[OutputOptions] = None) -> EnhanceResult:
+    def enhance(self, path: str | os.PathLike, prompt: str = "a good video", save_dir: str | os.PathLike = "results",
+                overwrite: bool = False, output: Optional[OutputOptions] = None, **settings: Any) -> EnhanceResult:
         """Enhance one video into `save_dir/<stem>.mp4` (plus `<stem>.json` with the settings).
 
-        An existing output is kept (result.skipped) unless overwrite. Raises VideoError for unusable
-        input, ValueError for bad settings, EnhanceError when the GPU runs out of memory.
-        `output`: codec, bit depth, frame folder, colour correction (default: the reference's mp4).
+        settings: the fields of `EnhanceOptions` (up_scale, target_fps, noise_aug, solver_mode,
+        steps, cfg, s_cond, seed), with its defaults. `output`: codec, bit depth, frame folder,
+        colour correction (venhancer.output_formats; default: the reference's mp4). A finished
+        output (every requested output and the sidecar) is kept (result.skipped) unless overwrite.
+        Raises VideoError for unusable input, ValueError for bad settings or an output that would
+        replace the input, EnhanceError when the GPU runs out of memory.
         """
-        options = EnhanceOptions(up_scale=up_scale, target_fps=target_fps, noise_aug=noise_aug,
-                                 solver_mode=solver_mode, steps=steps, cfg=cfg, s_cond=s_cond, seed=seed)
-        return self.run(path, prompt, options, save_dir, overwrite, output=output)
+        return self.run(path, prompt, EnhanceOptions(**settings), save_dir, overwrite, output=output)
 
     def run(self, path: str | os.PathLike, prompt: str, options: EnhanceOptions,
             save_dir: str | os.PathLike = "results", overwrite: bool = False,
@@ -460,16 +453,25 @@ class Enhancer:
         writes = self.sharding is None or self.sharding.is_writer
         output = output or OutputOptions()
         targets = output.targets(path, Path(save_dir))
-        out_path = targets[0]
-        sidecar = Path(save_dir) / f"{path.stem}.json"
+        out_path = targets[0]  # the video, or the frame folder when no video is written
+        named = output_path_for(path, Path(save_dir), output.suffix)  # the names' stem and checks
+        sidecar = output.sidecar_path(path, Path(save_dir))
+        keep_existing = False
         with self._together() as skip:
             if writes:
                 output.check_encoder()
                 prepare_save_dir(Path(save_dir))
-                if path.exists() and out_path.exists() and out_path.resolve() == path.resolve():
-                    raise ValueError(f"{path}: the output would overwrite the input; choose another save directory")
-                # Resuming keeps every output that exists; the run writes only the missing ones.
-                skip.value = all(t.exists() for t in targets) and not overwrite
+                for target in (*targets, sidecar):
+                    if path.exists() and target.exists() and os.path.samefile(target, path):
+                        raise ValueError(f"{path}: the output would overwrite the input; choose another save directory")
+                check_output_names(named, frames=output.frames_dir)
+                skip.value = is_finished(out_path, targets[1:], sidecar) and not overwrite
+                if not skip.value:
+                    remove_stale_partials(named, keep=(path,))
+                # Resuming after a finished run (its sidecar there) with another output asked for
+                # keeps the outputs that exist and writes the missing ones; outputs without a
+                # sidecar are from a run that was stopped and are made again.
+                keep_existing = not overwrite and sidecar.is_file()
         if skip.value:
             logger.info("%s: %s exists, skipping (use --overwrite to redo)", path.name, out_path)
             return EnhanceResult(path, out_path, sidecar if sidecar.exists() else None, True, prompt)
@@ -519,14 +521,17 @@ class Enhancer:
                                     emb.record_stream(torch.cuda.current_stream(self.device))
                 phase = "denoising"
                 with self._phase("sample", timings), self._vae_offloaded():
-                    x0 = self._denoise(z_key, y_cond, y_uncond, plan, options, generator)
+                    x0 = self._denoise_within_budget(z_key, y_cond, y_uncond, plan, options, generator)
                 if not writes:
                     return EnhanceResult(path, out_path, None, False, prompt, plan, timings)
                 phase = "decoding"
+                # The video is about to be replaced: an old sidecar would vouch for it should this
+                # run stop before writing the new one (an output is finished when both exist).
+                sidecar.unlink(missing_ok=True)
                 with self._phase("decode_write", timings):
                     source = kept or None
                     timings["write_wait"] = self._decode_and_write(x0, plan, out_path, output, source,
-                                                                   overwrite=overwrite)
+                                                                   overwrite=not keep_existing)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -547,16 +552,39 @@ class Enhancer:
 
     @contextmanager
     def _vae_offloaded(self) -> Iterator[None]:
-        """In low-VRAM mode the VAE waits in CPU memory while the network runs."""
-        if self.vae_weights is None:
-            yield
-            return
-        self.vae_weights.leave()
-        torch.cuda.empty_cache()  # the encoder's full-resolution transients
+        """With plans that offload it, the VAE waits in CPU memory while the network runs (a
+        fallback inside may start offloading it)."""
+        if self.vae_weights is not None:
+            self.vae_weights.leave()
+            torch.cuda.empty_cache()  # the encoder's full-resolution transients
         try:
             yield
         finally:
-            self.vae_weights.visit(self.device)
+            if self.vae_weights is not None:
+                self.vae_weights.visit(self.device)
+
+    def _denoise_within_budget(self, z_key: torch.Tensor, y_cond: torch.Tensor, y_uncond: torch.Tensor,
+                               plan: VideoPlan, options: EnhanceOptions, generator: torch.Generator) -> torch.Tensor:
+        """`_denoise`; when it runs out of memory, again with the next smaller memory plan from
+        the same random state (the same video), until the smallest plan fails too."""
+        state = generator.get_state()
+        while True:
+            failed = None
+            try:
+                return self._denoise(z_key, y_cond, y_uncond, plan, options, generator)
+            except torch.OutOfMemoryError as exc:
+                smaller = next_plan(self.memory_plan)
+                if smaller is None or self.sharding is not None:
+                    raise
+                failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            # Outside the except block: the failed attempt's activations are released first.
+            logger.warning("%s: out of memory with memory plan %r (%s); falling back to %r",
+                           plan.input.path.name, self.memory_plan.name, failed, smaller.name)
+            self.memory_fallbacks.append({"from": self.memory_plan.name, "to": smaller.name, "error": failed})
+            self._use_plan(smaller)
+            logger.info("%s", smaller.describe())
+            generator.set_state(state)
+            self.solver_step_seconds = []
 
     def _together(self):  # -> context manager yielding a venhancer.distributed.Agreement
         return solo() if self.sharding is None else self.sharding.together()
@@ -571,10 +599,11 @@ class Enhancer:
         timings[name] = time.perf_counter() - start
         logger.debug("%s took %.2f s", name, timings[name])
 
-    def _bar(self, total: int, desc: str) -> tqdm:
+    def _bar(self, total: int, desc: str) -> tqdm | _ReportingBar:
         # disable=None: bars only on a terminal, so logs and pipes stay clean.
-        return tqdm(total=total, desc=desc, unit="frame" if desc != "denoise" else "step",
-                    disable=None if self.progress else True, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=total, desc=desc, unit="frame" if desc != "denoise" else "step",
+                   disable=None if self.progress else True, leave=False, dynamic_ncols=True)
+        return bar if self.progress_callback is None else _ReportingBar(bar, desc, total, self.progress_callback)
 
     def _encode(self, batches: Iterable[np.ndarray], plan: VideoPlan, generator: torch.Generator) -> torch.Tensor:
         """Key-frame latents (1, 4, n, h', w') of the resized, padded input frames (SPEC 1.1, 1.4, 1.6, 1.7).
@@ -678,7 +707,7 @@ class Enhancer:
                           overwrite: bool = True) -> float:
         """SPEC 1.12-1.13: tiled decode, crop, [0,1] clamp, *255, truncate to uint8, stream to H.264.
         `output` may ask for other codecs and bit depths, a frame folder, and a colour correction
-        towards `source`, the input frames (h, w, 3) (venhancer.outputs, venhancer.color_fix).
+        towards `source`, the input frames (h, w, 3) (venhancer.output_formats, venhancer.color_fix).
 
         Frames are cropped and quantised on the device (a quarter of the bytes to copy back) and
         handed to ffmpeg by a writer thread, so the GPU decodes the next window meanwhile.
@@ -750,6 +779,10 @@ class Enhancer:
                       "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                       "low_vram": self.low_vram, "shared_branch_prefix": self.share_branch_prefix,
                       "background_load": self._worker is not None},
+            "memory": {"budget_gb": self.budget_gb, "plan": self.memory_plan.to_json(),
+                       "fallbacks": list(self.memory_fallbacks),
+                       "streamed_block_loads": None if self.streamer is None else self.streamer.loads,
+                       "peak_host_ram_GB": round(peak_host_gb(), 3)},
             "plan": {"inserted_frames": plan.k, "padding_lrtb": list(plan.padding),
                      "latent_size": list(plan.latent_size), "windows": [list(w) for w in plan.windows],
                      "network_evals": plan.network_evals, "start_t": T_MAX},

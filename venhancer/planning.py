@@ -68,7 +68,8 @@ VAE_FRAME_OVERLAP: int = 2
 #: Variance of the separable Gaussian tile weights, relative to the tile size (quirk: 0.02).
 GAUSSIAN_VARIANCE: float = 0.02
 
-_MAX_INTERP: int = 8
+#: Most frames inserted between two input frames (SPEC 1.2).
+MAX_INSERTED: int = 8
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -96,7 +97,7 @@ def interp_frames(in_fps: float, target_fps: float) -> int:
     """
     _check_positive("in_fps", in_fps)
     _check_positive("target_fps", target_fps)
-    return min(max(round(target_fps / in_fps) - 1, 0), _MAX_INTERP)
+    return min(max(round(target_fps / in_fps) - 1, 0), MAX_INSERTED)
 
 
 def output_fps(in_fps: float, k: int) -> float:

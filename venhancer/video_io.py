@@ -31,7 +31,7 @@ import imageio_ffmpeg
 import numpy as np
 
 if TYPE_CHECKING:
-    from venhancer.outputs import Encoding
+    from venhancer.output_formats import Encoding
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ class VideoWriter:
     the video's length), checks the file, and only then renames it onto `path`. `abort()` (also
     called when the `with` block raises) removes every temporary file.
 
-    `encoding` (venhancer.outputs) replaces the H.264 settings: another codec, container and bit
+    `encoding` (venhancer.output_formats) replaces the H.264 settings: another codec, container and bit
     depth (uint16 frames for rgb48 input); the colour conversion and tags stay this writer's.
     None is the reference's encode.
     """

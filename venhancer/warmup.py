@@ -60,7 +60,7 @@ def start_cuda_warmup(device_name: str | None) -> threading.Thread | None:
 
     # Imported here, on the calling thread: two threads importing the same modules at once can
     # deadlock on the import locks.
-    from venhancer.models import kernels
+    from venhancer.runtime import ops as kernels
 
     def run() -> None:
         try:

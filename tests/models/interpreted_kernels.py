@@ -2,19 +2,41 @@
 subprocess with TRITON_INTERPRET=1 (the file name keeps pytest from collecting it directly)."""
 
 import copy
+import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from unet_helpers import call_args, max_abs, rel_l2
-from venhancer.models import kernels
+from venhancer.runtime import ops as kernels
 from venhancer.models.attention import (GEGLU, Attention, FeedForward, SpatialTransformer, TemporalTransformer,
                                          TransformerBlock)
-from venhancer.models.layers import GroupNorm32, _group_norm_act
-from venhancer.models.optimize import InferenceOptions, optimize_for_inference
+from venhancer.runtime import InferenceOptions, optimize_for_inference
+from venhancer.runtime.layers import FastGroupNorm, _group_norm_act
 
-pytestmark = pytest.mark.skipif(not kernels._INTERPRET or kernels.triton is None, reason="needs TRITON_INTERPRET=1 and triton")
+pytestmark = pytest.mark.skipif(not kernels.interpreting() or kernels.triton is None, reason="needs TRITON_INTERPRET=1 and triton")
+# (the package's attributes of these names are the ops themselves, not the modules)
+OP_MODULES = [importlib.import_module(f"venhancer.runtime.ops.{name}")
+              for name in ("bias_add", "common", "flash_attention", "frame_attention", "geglu", "geglu_matmul",
+                           "group_norm", "layer_norm", "linear_add", "matmul")]
+
+
+def op_attribute(name: str):
+    """An op's function or constant, from the package or else from the op module defining it."""
+    if hasattr(kernels, name):
+        return getattr(kernels, name)
+    return next(getattr(m, name) for m in OP_MODULES if hasattr(m, name))
+
+
+def patch_op(monkeypatch, name: str, value) -> None:
+    """Replace an op's function or constant wherever it is looked up: in `venhancer.runtime.ops`
+    (the callers' namespace) and in every op module that uses it."""
+    if hasattr(kernels, name):
+        monkeypatch.setattr(kernels, name, value)
+    for module in OP_MODULES:
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, value)
 
 
 def _layouts(channels: int) -> list[torch.Tensor]:
@@ -144,8 +166,8 @@ def test_geglu_matmul_walks_several_tiles_per_program(tma, flatten, monkeypatch)
     descriptors and through plain pointers (GPUs before Hopper, Triton without descriptors),
     with and without the flattened loop (Triton before 3.3)."""
     if not tma:
-        monkeypatch.setattr(kernels, "TensorDescriptor", None)
-    monkeypatch.setattr(kernels, "_HAS_FLATTEN", flatten)
+        patch_op(monkeypatch, "TensorDescriptor", None)
+    patch_op(monkeypatch, "HAS_FLATTEN", flatten)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(300, 64, generator=gen)
     weight = torch.randn(2 * 200, 64, generator=gen) / 8
@@ -155,8 +177,8 @@ def test_geglu_matmul_walks_several_tiles_per_program(tma, flatten, monkeypatch)
     got = kernels.geglu_matmul(x, weight, bias)
     assert (got.double() - want).abs().max() / want.abs().max() < 1e-5
     # The ones column and zeros after it are the kernel's to write: the buffer comes poisoned
-    allocate = kernels._geglu_output
-    monkeypatch.setattr(kernels, "_geglu_output", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
+    allocate = op_attribute("_geglu_output")
+    patch_op(monkeypatch, "_geglu_output", lambda *a, **k: allocate(*a, **k).fill_(float("nan")))
     joined = kernels.geglu_matmul(x, weight, bias, bias_column=True)
     assert joined.shape == (300, 200 + kernels.BIAS_COLUMNS) and torch.equal(joined[:, :200], got)
     assert torch.equal(joined[:, 200], torch.ones(300)) and torch.equal(joined[:, 201:], torch.zeros(300, 15))
@@ -167,7 +189,7 @@ def test_feed_forward_adds_in_place_with_the_bias_as_a_column(matmul_kernel, mon
     """With the GEGLU matmul kernel and with cuBLAS + the gate kernel (wider inputs, GPUs before
     Hopper): the down-projection's bias rides on the GEGLU output's ones column."""
     if not matmul_kernel:
-        monkeypatch.setattr(kernels, "GEGLU_MATMUL_MAX_DIM", 16)
+        patch_op(monkeypatch, "GEGLU_MATMUL_MAX_DIM", 16)
     torch.manual_seed(11)
     ff = FeedForward(48)  # hidden 192
     x, residual = torch.randn(2, 37, 48), torch.randn(2, 37, 48)
@@ -198,21 +220,20 @@ def test_feed_forward_adds_in_place_with_the_bias_as_a_column(matmul_kernel, mon
 @pytest.mark.parametrize("persistent", [True, False])
 def test_linear_add_contiguous_and_strided(persistent, monkeypatch):
     """Through the persistent kernel (Hopper-class GPUs) and the one-tile-per-program one."""
-    monkeypatch.setattr(kernels, "PERSISTENT_LINEAR_ADD", persistent)
     gen = torch.Generator().manual_seed(4)
     weight, bias = torch.randn(40, 64, generator=gen) / 8, torch.randn(40, generator=gen)
     x = torch.randn(1, 3 * 5, 64, generator=gen)  # 3 frames x 5 pixels, frame-major
     residual = torch.randn(1, 15, 40, generator=gen)
     want = residual.double() + F.linear(x.double(), weight.double(), bias.double())
     assert kernels.linear_add_supported(x, weight, residual)
-    assert (kernels.linear_add(x, weight, bias, residual).double() - want).abs().max() < 1e-5
+    assert (kernels.linear_add(x, weight, bias, residual, persistent=persistent).double() - want).abs().max() < 1e-5
     # A range of 5 pixels out of 9 in each of 3 frames, read and written in place by stride.
     video = torch.randn(3, 9, 40, generator=gen)
     out = torch.zeros(3, 9, 40)
     cols = slice(2, 7)
     want = video[:, cols].double() + F.linear(x.double(), weight.double(), bias.double()).view(3, 5, 40)
     assert kernels.linear_add_supported(x, weight, video[:, cols], out[:, cols])
-    kernels.linear_add(x, weight, bias, video[:, cols], out=out[:, cols])
+    kernels.linear_add(x, weight, bias, video[:, cols], out=out[:, cols], persistent=persistent)
     assert (out[:, cols].double() - want).abs().max() < 1e-5
     assert out[:, :2].abs().max() == 0 and out[:, 7:].abs().max() == 0  # nothing written outside
     assert not kernels.linear_add_supported(x, weight, video[:, cols].transpose(0, 1))
@@ -223,8 +244,8 @@ def test_persistent_linear_add_walks_several_tiles_per_program(tma, flatten, mon
     """5 row tiles x 3 column tiles (the third partial) over 4 programs, into a strided residual,
     through TMA descriptors and plain pointers, with and without the flattened loop."""
     if not tma:
-        monkeypatch.setattr(kernels, "TensorDescriptor", None)
-    monkeypatch.setattr(kernels, "_HAS_FLATTEN", flatten)
+        patch_op(monkeypatch, "TensorDescriptor", None)
+    patch_op(monkeypatch, "HAS_FLATTEN", flatten)
     gen = torch.Generator().manual_seed(6)
     frames, pixels, width = 4, 300, 320  # 1040 rows of 320 -> 5 x 256-row tiles, 3 x 128 columns
     weight, bias = torch.randn(width, 128, generator=gen) / 11, torch.randn(width, generator=gen)
@@ -241,11 +262,11 @@ def test_linear_plus_takes_the_persistent_kernel_for_wide_inputs(monkeypatch):
     """Inputs wider than LINEAR_ADD_MAX_DIM go to the fused kernel where the persistent one
     wins (here: the interpreter, which stands for a Hopper-class GPU), else to cuBLAS + add; the
     feed-forward's 4x-wide down-projection stays on cuBLAS."""
-    from venhancer.models.attention import linear_plus
+    from venhancer.runtime.attention import linear_plus
 
     calls = []
     original = kernels.linear_add
-    monkeypatch.setattr(kernels, "linear_add", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    patch_op(monkeypatch, "linear_add", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
     gen = torch.Generator().manual_seed(8)
     dim = kernels.LINEAR_ADD_MAX_DIM + 128
     x, residual = torch.randn(40, dim, generator=gen), torch.randn(40, dim, generator=gen)
@@ -256,8 +277,7 @@ def test_linear_plus_takes_the_persistent_kernel_for_wide_inputs(monkeypatch):
     down = torch.randn(dim // 4, dim, generator=gen) / 30
     linear_plus(x, down, bias[: dim // 4], residual[:, : dim // 4].contiguous(), fused=True)
     assert len(calls) == 1
-    monkeypatch.setattr(kernels, "PERSISTENT_LINEAR_ADD", False)
-    linear_plus(x, weight, bias, residual, fused=True)
+    linear_plus(x, weight, bias, residual, fused=True, persistent=False)
     assert len(calls) == 1
 
 
@@ -277,7 +297,7 @@ def _frame_attention_eager(q, k, v, heads, frames):
 def test_frame_attention_matches_sdpa(frames, heads, head_dim, per_program, monkeypatch):
     # per_program 4 over 7 positions: a partly filled block of positions
     configs = {block: (per_program, warps) for block, (_, warps) in kernels.FRAME_ATTENTION_CONFIGS.items()}
-    monkeypatch.setattr(kernels, "FRAME_ATTENTION_CONFIGS", configs)
+    patch_op(monkeypatch, "FRAME_ATTENTION_CONFIGS", configs)
     gen = torch.Generator().manual_seed(frames)
     inner = heads * head_dim
     # q, k, v as the strided views of a fused projection (row stride 3*inner), b = 2 items
@@ -361,7 +381,7 @@ def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
     """Wrap the named `kernels` functions so that each call is counted in the returned dict."""
     calls = dict.fromkeys(names, 0)
     for name in names:
-        original = getattr(kernels, name)
+        original = op_attribute(name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
@@ -373,7 +393,7 @@ def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
 
 def _group_norm_table_float64(x, weight, bias, eps, add=None):
     """`kernels.group_norm_table` in float64 torch ops: (items, 2, channels) scale and shift."""
-    items, rows, channels = kernels._rows_channels(x)
+    items, rows, channels = kernels.rows_channels(x)
     per_group = channels // kernels.GROUPS
     xs = x.movedim(1, -1).reshape(items, rows, channels).double()
     if add is not None:
@@ -399,7 +419,7 @@ def _layer_norm_float64(x, weight, bias, eps):
     return F.layer_norm(x.double(), x.shape[-1:], weight.double(), bias.double(), eps).to(x.dtype)
 
 
-def _linear_add_float64(x, weight, bias, residual, out=None):
+def _linear_add_float64(x, weight, bias, residual, out=None, persistent=True):
     y = residual.double() + F.linear(x.double(), weight.double(), bias.double()).reshape(residual.shape)
     return (torch.empty_like(residual) if out is None else out).copy_(y)
 
@@ -433,7 +453,7 @@ def kernel_once_per_signature(monkeypatch, stand_ins: dict) -> dict[str, int]:
         return value
 
     for name, stand_in in stand_ins.items():
-        original = getattr(kernels, name)
+        original = op_attribute(name)
 
         def routed(*args, _original=original, _stand_in=stand_in, _name=name, **kwargs):
             signature = (_name, tuple(key(a) for a in args), tuple(sorted((k, key(v)) for k, v in kwargs.items())))
@@ -458,15 +478,15 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
                                              "add_with_bias", "linear_add", "frame_attention", "flash_attention"])
     # the tiny model's level-0 frames have 160 tokens (the text 77, level 1 48): the level-0
     # spatial self-attentions go through the flash kernel (all of them: minutes in the interpreter)
-    monkeypatch.setattr(kernels, "FLASH_ATTENTION_MIN_KEYS", 100)
+    patch_op(monkeypatch, "FLASH_ATTENTION_MIN_KEYS", 100)
     supported = []
-    forward = GroupNorm32.forward
+    forward = FastGroupNorm.forward
 
     def norm_forward(self, x, add=None):
         supported.append(kernels.group_norm_supported(x, self.num_groups))
         return forward(self, x, add)
 
-    monkeypatch.setattr(GroupNorm32, "forward", norm_forward)
+    monkeypatch.setattr(FastGroupNorm, "forward", norm_forward)
     model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(ff_chunk_tokens=37, spatial_chunk_tokens=320, temporal_chunk_tokens=23))
     with torch.no_grad():
         out = model(*call_args(tiny_case))

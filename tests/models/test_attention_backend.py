@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import venhancer.models.attention as attention_module
+import venhancer.runtime.attention as fast_attention
 from venhancer.models import get_attention_backend, set_attention_backend, xformers_available
 from venhancer.models.layers import GroupNorm32
 
@@ -55,7 +56,7 @@ def test_sdpa_matches_plain_softmax_attention():
 def test_wide_head_attention_matches_plain_softmax_attention(score_rows):
     """Query rows in chunks (one row, uneven, exact, all at once), keys longer than queries."""
     q, k, v = _qkv(batch=2, n=7, m=9, heads=1, d=40)
-    out = attention_module.wide_head_attention(q, k, v, score_bytes=4 * 9 * score_rows)
+    out = fast_attention.wide_head_attention(q, k, v, score_bytes=4 * 9 * score_rows)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, _plain_attention(q, k, v, 1), atol=1e-6, rtol=1e-6)
 
@@ -63,7 +64,7 @@ def test_wide_head_attention_matches_plain_softmax_attention(score_rows):
 def test_wide_head_attention_rejects_mismatched_shapes():
     q, k, v = _qkv(batch=2, n=7, m=9, heads=1, d=8)
     with pytest.raises(ValueError, match=r"k \(2, 9, 8\), v \(2, 8, 8\)"):
-        attention_module.wide_head_attention(q, k, v[:, :8])
+        fast_attention.wide_head_attention(q, k, v[:, :8])
 
 
 def test_slicing_of_long_batches(monkeypatch):

@@ -12,9 +12,11 @@ from torch import nn
 
 from unet_helpers import call_args, max_abs, rel_l2
 from venhancer.models.attention import Attention, TemporalTransformer
-from venhancer.models.controlnet import BiasPending
 from venhancer.models.layers import GroupNorm32, ResBlock, Upsample
-from venhancer.models.optimize import InferenceOptions, optimize_for_inference
+from venhancer.runtime import InferenceOptions, RuntimeSettings, optimize_for_inference
+from venhancer.runtime.branches import BiasPending, FastVideoControlNet
+from venhancer.runtime.layers import FastResBlock, FastUpsample
+from venhancer.runtime.transformer import FastTemporalTransformer
 
 REL_L2 = 1e-4
 HERE = Path(__file__).resolve().parent
@@ -36,7 +38,7 @@ def test_optimized_tiny_matches_reference(tiny_model, tiny_case, chunk, spatial,
 def test_zero_conv_biases_fold_into_the_skip_sums(tiny_model, tiny_case):
     model = optimize_for_inference(copy.deepcopy(tiny_model))
     control_net = model.VideoControlNet
-    assert control_net.fold_conv_bias
+    assert isinstance(control_net, FastVideoControlNet) and control_net.settings.fused_kernels
     with torch.no_grad():
         width = control_net.middle_block_out[0].in_channels
         pending = control_net._zero_conv(control_net.middle_block_out, torch.randn(2, width, 3, 4))
@@ -110,7 +112,7 @@ def test_concat_frame_chunk_applies_to_the_skip_concatenations_only(tiny_model, 
     at a time and leaves the other ResBlocks whole; the smaller of it and `conv_frame_chunk`
     wins. The result stays the reference's."""
     frames = tiny_case["x"].shape[2]  # 5
-    original = ResBlock._per_frame
+    original = FastResBlock._per_frame
     for conv, concat, plain_passes, concat_passes in [(None, 2, 1, 3), (4, 2, 2, 3), (2, 4, 3, 3), (None, None, 1, 1)]:
         model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(conv_frame_chunk=conv, concat_frame_chunk=concat))
         concatenating = {}  # ResBlock -> whether its input is (x, skip)
@@ -123,7 +125,7 @@ def test_concat_frame_chunk_applies_to_the_skip_concatenations_only(tiny_model, 
             passes[concatenating[self]].append(x.shape[0])
             return original(self, x, emb_out)
 
-        monkeypatch.setattr(ResBlock, "_per_frame", per_frame)
+        monkeypatch.setattr(FastResBlock, "_per_frame", per_frame)
         with torch.no_grad():
             out = model(*call_args(tiny_case))
         assert rel_l2(out, tiny_case["out"]) <= REL_L2
@@ -131,8 +133,8 @@ def test_concat_frame_chunk_applies_to_the_skip_concatenations_only(tiny_model, 
             blocks = sum(1 for v in concatenating.values() if v == concat_input)
             assert blocks and len(passes[concat_input]) == blocks * expected
             assert sum(passes[concat_input]) == blocks * frames
-    assert model.share_self_attention
-    assert not optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(share_self_attention=False)).share_self_attention
+    assert model.settings.share_self_attention
+    assert not optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(share_self_attention=False)).settings.share_self_attention
 
 
 def test_low_vram_preset_matches_reference(tiny_model, tiny_case):
@@ -191,7 +193,7 @@ def test_frame_major_temporal_path_matches_reference(tiny_model, tiny_case):
     """Channels-last without the Triton kernels: frame-major temporal attention by strides."""
     model = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(fused_kernels=False, temporal_chunk_tokens=17))
     temporal = [m for m in model.modules() if isinstance(m, TemporalTransformer)]
-    assert temporal and all(m.frame_major for m in temporal)
+    assert temporal and all(isinstance(m, FastTemporalTransformer) and m.settings.channels_last for m in temporal)
     with torch.no_grad():
         out = model(*call_args(tiny_case))
     assert max_abs(out, tiny_case["out"]) <= 2e-5
@@ -206,7 +208,7 @@ def test_transposed_upsample_matches_interpolate_crop_conv(height, width):
     x = torch.randn(3, 6, height, width, dtype=torch.float64)
     with torch.no_grad():
         ref = up(x)
-        up.transposed = True
+        optimize_for_inference(up, RuntimeSettings(channels_last=False, transposed_upsample=True))
         out = up(x)
     assert out.shape == ref.shape == (3, 6, 2 * height - 2, 2 * width)
     assert max_abs(out, ref) <= 1e-12
@@ -214,15 +216,14 @@ def test_transposed_upsample_matches_interpolate_crop_conv(height, width):
 
 def test_transposed_upsample_follows_new_weights_and_stays_out_of_the_state_dict():
     torch.manual_seed(0)
-    up = Upsample(4)
-    up.transposed = True
+    up = optimize_for_inference(Upsample(4), RuntimeSettings(channels_last=False, transposed_upsample=True))
     x = torch.randn(2, 4, 5, 6)
     keys = list(up.state_dict())
     with torch.no_grad():
         up(x)
         up.load_state_dict({k: v * 2 + 1 for k, v in up.state_dict().items()}, strict=True)  # in place
         out = up(x)
-        up.transposed = False
+        up.settings = RuntimeSettings(channels_last=False, transposed_upsample=False)
         ref = up(x)
     assert list(up.state_dict()) == keys
     assert max_abs(out, ref) <= 1e-5
@@ -231,6 +232,6 @@ def test_transposed_upsample_follows_new_weights_and_stays_out_of_the_state_dict
 def test_optimize_sets_transposed_upsample(tiny_model):
     model = optimize_for_inference(copy.deepcopy(tiny_model))
     ups = [m for m in model.modules() if isinstance(m, Upsample)]
-    assert ups and all(m.transposed for m in ups)
+    assert ups and all(isinstance(m, FastUpsample) and m.settings.transposed_upsample for m in ups)
     plain = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(transposed_upsample=False))
-    assert not any(m.transposed for m in plain.modules() if isinstance(m, Upsample))
+    assert not any(m.settings.transposed_upsample for m in plain.modules() if isinstance(m, Upsample))

@@ -109,18 +109,6 @@ def test_attention_slicing_gives_the_same_result(tiny_model, tiny_case, monkeypa
     assert max_abs(out, tiny_case["out"]) <= 2e-5
 
 
-def test_feed_forward_chunking_gives_the_same_result(tiny_model, tiny_case):
-    tiny_model.set_feed_forward_chunk_size(37)
-    try:
-        with torch.no_grad():
-            out = tiny_model(*call_args(tiny_case))
-    finally:
-        tiny_model.set_feed_forward_chunk_size(None)
-    assert max_abs(out, tiny_case["out"]) <= 2e-5
-    with pytest.raises(ValueError):
-        tiny_model.set_feed_forward_chunk_size(0)
-
-
 @pytest.mark.parametrize("h, w", [(8, 16), (10, 12), (11, 16)])
 def test_unsupported_latent_sizes_are_rejected(tiny_model, tiny_case, h, w):
     x, t, y, hint, t_hint, s_cond, mask = call_args(tiny_case)
@@ -143,52 +131,3 @@ def test_other_latent_sizes_and_frame_counts_run(tiny_model):
     with torch.no_grad():
         out = tiny_model(x, 500, y, hint, 0, 8, [[0, -1]])
     assert out.shape == x.shape and torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("share_self_attention, spatial_chunk_tokens", [(False, None), (True, None), (True, 160)])
-def test_branches_share_the_text_free_layers(tiny_model, tiny_case, monkeypatch, share_self_attention, spatial_chunk_tokens):
-    """forward_branches gives each text context exactly what forward gives it, and runs the
-    layers before the first text-reading one (block 0 and the next ResBlock of both encoders,
-    and with `share_self_attention` the first spatial transformer's self-attention) once for all
-    branches, also when the spatial transformers run in frame passes (160 tokens: one of the
-    case's 5 frames of 10x16 per pass at level 0)."""
-    from venhancer.models.attention import Attention, SpatialTransformer
-    from venhancer.models.layers import ResBlock
-
-    x, t, y, hint, t_hint, s_cond, mask = call_args(tiny_case)
-    contexts = [y, torch.flip(y, dims=[1]) * 0.5 - 0.25, -y]
-    calls = {ResBlock: 0, "spatial self-attention": 0}
-    forward, attention_forward = ResBlock.forward, Attention.forward
-    spatial_attentions = {id(m.transformer_blocks[0].attn1) for m in tiny_model.modules() if isinstance(m, SpatialTransformer)}
-
-    def counted(self, *args, **kwargs):
-        calls[ResBlock] += 1
-        return forward(self, *args, **kwargs)
-
-    def counted_attention(self, *args, **kwargs):
-        calls["spatial self-attention"] += id(self) in spatial_attentions
-        return attention_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(ResBlock, "forward", counted)
-    monkeypatch.setattr(Attention, "forward", counted_attention)
-    monkeypatch.setattr(tiny_model, "share_self_attention", share_self_attention)
-    for module in tiny_model.modules():
-        if isinstance(module, SpatialTransformer):
-            monkeypatch.setattr(module, "chunk_tokens", spatial_chunk_tokens)
-    with torch.no_grad():
-        singles = [tiny_model(x, t, yi, hint, t_hint, s_cond, mask) for yi in contexts]
-        per_forward = {key: n // len(contexts) for key, n in calls.items()}
-        calls.update({key: 0 for key in calls})
-        shared = tiny_model.forward_branches(x, t, contexts, hint, t_hint, s_cond, mask)
-    assert rel_l2(shared[0], tiny_case["out"]) <= REL_L2
-    for got, want in zip(shared, singles):
-        assert torch.equal(got, want)
-    # One ResBlock per encoder (UNet, ControlNet) runs once instead of once per branch, and so,
-    # when shared, does the self-attention of the spatial transformer after it (once per pass).
-    passes = 1 if spatial_chunk_tokens is None else x.shape[2]
-    assert calls[ResBlock] == len(contexts) * per_forward[ResBlock] - 2 * (len(contexts) - 1)
-    saved = 2 * passes * (len(contexts) - 1) if share_self_attention else 0
-    assert per_forward["spatial self-attention"] > 2 * passes
-    assert calls["spatial self-attention"] == len(contexts) * per_forward["spatial self-attention"] - saved
-    with pytest.raises(ValueError, match="one shape"):
-        tiny_model.forward_branches(x, t, [y, y[:, :5]], hint, t_hint, s_cond, mask)

@@ -19,6 +19,8 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor
 
+from venhancer.options import NOISE_AUG_MAX  # the upper clamp of noise_aug (SPEC 1.9), checked there too
+
 __all__ = [
     "NUM_TIMESTEPS",
     "T_MAX",
@@ -40,8 +42,6 @@ logger = logging.getLogger(__name__)
 NUM_TIMESTEPS: int = 1000
 #: Largest timestep the sampler starts from (900 noise levels are used, SPEC 1.10).
 T_MAX: int = 899
-#: Upper clamp of the key-frame noise augmentation strength (SPEC 1.9).
-NOISE_AUG_MAX: int = 300
 
 SolverMode = Literal["fast", "normal"]
 

@@ -3,37 +3,13 @@ latents (the "hint") and returns one residual per UNet skip plus one for the mid
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-from .blocks import EncoderState, build_encoder, build_middle, encode_rest, encode_text_free
+from .blocks import build_encoder, build_middle
 from .config import UNetConfig
 from .inputs import NetworkInputs, prepare_inputs
-from .layers import EmbeddingMLP, add_with_channel_bias, channel_bias, conv_without_bias, timestep_sinusoid
-
-
-class BiasPending(NamedTuple):
-    """A zero convolution's output without its bias: `plus_control` adds the bias together with
-    the residual, one pass fewer over the activations."""
-
-    conv_out: torch.Tensor
-    bias: torch.Tensor
-
-
-def control_tensor(residual: torch.Tensor | BiasPending) -> torch.Tensor:
-    """A ControlNet residual as a tensor (its pending bias added)."""
-    if isinstance(residual, BiasPending):
-        return residual.conv_out + channel_bias(residual.bias, residual.conv_out)
-    return residual
-
-
-def plus_control(h: torch.Tensor, residual: torch.Tensor | BiasPending) -> torch.Tensor:
-    """h + a ControlNet residual (with a pending bias: one fused pass)."""
-    if isinstance(residual, BiasPending):
-        return add_with_channel_bias(h, residual.conv_out, residual.bias)
-    return h + residual
+from .layers import EmbeddingMLP, timestep_sinusoid
 
 
 def model_input_dtype(module: nn.Module, device: torch.device) -> torch.dtype | None:
@@ -70,27 +46,28 @@ class VideoControlNet(nn.Module):
         width = config.widths[-1]
         self.middle_block_out = nn.Sequential(nn.Conv2d(width, width, 1))
         self.input_hint_block = nn.Conv2d(config.in_dim, config.hint_dim, 3, padding=1)
-        # Set by optimize: the zero convolutions return `BiasPending` (their bias added with the
-        # UNet's residual sum).
-        self.fold_conv_bias = False
 
     def forward(self, x, t, y, hint, t_hint, s_cond, mask_cond) -> list[torch.Tensor]:
         """Arguments as `VEnhancerUNet.forward`. Returns 13 tensors (for the default 4 levels x
         2 ResBlocks) in per-frame layout `((b f), c, h', w')`: one per encoder block, then the
         middle block's."""
-        inp = network_inputs(self, x, t, y, hint, t_hint, s_cond, mask_cond)
-        state = self.start(inp)
-        return [control_tensor(r) for r in state.outputs + self.finish(state, inp.y, consume=True)]
+        return self.control_residuals(network_inputs(self, x, t, y, hint, t_hint, s_cond, mask_cond))
 
-    def _zero_conv(self, conv: nn.Sequential, x: torch.Tensor) -> torch.Tensor | BiasPending:
-        if self.fold_conv_bias:
-            return BiasPending(conv_without_bias(conv[0], x), conv[0].bias)
-        return conv(x)
+    def control_residuals(self, inp: NetworkInputs) -> list[torch.Tensor]:
+        """`forward` on already checked and cast inputs."""
+        f = inp.num_frames
+        x, emb = self.first_block(inp)
+        residuals = [self.zero_convs[0](x)]
+        for block, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):
+            x = block(x, emb, inp.y, f)
+            residuals.append(zero_conv(x))
+        x = self.middle_block(x, emb, inp.y, f)
+        residuals.append(self.middle_block_out(x))
+        return residuals
 
-    def start(self, inp: NetworkInputs, self_attention: bool = False) -> EncoderState:
-        """Every layer before the first one that reads the text: its results serve all guidance
-        branches (`finish` takes one text context each). `state.outputs` holds the residuals of
-        the encoder blocks completed so far. `self_attention`: see `encode_text_free`."""
+    def first_block(self, inp: NetworkInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder block 0 with the key-frame hint added after its conv: its output ((b f), c, h, w)
+        and the per-frame embedding ((b f), embed_dim) the later blocks take."""
         b, c, f, h, w = inp.x.shape
         emb = self.frame_embedding(inp.t, inp.t_hint, inp.s_cond, inp.mask_cond)  # ((b f), embed_dim)
         hint_add = self.hint_features(inp.hint, inp.mask_cond)  # ((b f), hint_dim, h, w)
@@ -101,19 +78,7 @@ class VideoControlNet(nn.Module):
         # The hint enters once, between block 0's conv and its temporal transformer.
         x = x + hint_add
         x = first_temporal(x, f)
-        return encode_text_free(self.input_blocks, x, emb, f, first=1, outputs=[self._zero_conv(self.zero_convs[0], x)],
-                                keep=lambda index, out: self._zero_conv(self.zero_convs[index], out),
-                                self_attention=self_attention)
-
-    def finish(self, state: EncoderState, context: torch.Tensor, consume: bool = False) -> list[torch.Tensor]:
-        """The residuals after `state.outputs`, for text context (b, M, context_dim). `consume`:
-        the state's last use (its activation is released as the blocks go)."""
-        outputs = []
-        x = encode_rest(self.input_blocks, state, context, consume=consume,
-                        keep=lambda index, out: outputs.append(self._zero_conv(self.zero_convs[index], out)))
-        x = self.middle_block(x, state.emb, context, state.num_frames)
-        outputs.append(self._zero_conv(self.middle_block_out, x))
-        return outputs
+        return x, emb
 
     def frame_embedding(self, t: torch.Tensor, t_hint: torch.Tensor, s_cond: torch.Tensor, mask_cond: torch.Tensor) -> torch.Tensor:
         """Per-frame embedding ((b f), embed_dim): time embedding of t for every frame; key frames

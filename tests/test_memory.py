@@ -1,0 +1,176 @@
+"""Memory plans (--max_vram_gb): the choice by budget, weight streaming on the CPU ('host' and
+'device' both the CPU), the same video from every plan, and the fallback after running out of memory.
+
+On the CPU there is no VRAM: the plan follows the --max_vram_gb number alone (venhancer.memory)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import venhancer.pipeline as pipeline
+from make_tiny_models import make_clip, make_tiny_models
+from test_cli import restore_logging  # noqa: F401  (cli.main configures logging; the fixture undoes it)
+from venhancer import cli, memory
+from venhancer.memory import PLANS, WeightStreamer, budget_gb, check_budget, choose_plan, next_plan
+from venhancer.pipeline import Enhancer
+from venhancer.video_io import VideoWriter
+
+FAST = ["--solver_mode", "normal", "--steps", "2", "--up_scale", "2", "--target_fps", "16"]
+# One budget per plan (7: below every plan's, the smallest is tried).
+BUDGETS = {30: "full", 23: "streamed", 18: "streamed_sequential", 15: "small_passes_streamed", 7: "smallest_streamed"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    return make_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("clip") / "clip.mp4")
+
+
+def test_plan_follows_the_budget():
+    assert {budget: choose_plan(budget).name for budget in BUDGETS} == BUDGETS
+    assert choose_plan(None).name == "full"  # CPU, nothing asked: the fastest
+    assert budget_gb(None, None, None) is None
+    assert budget_gb(11.0, True, 80.0) == 11.0  # an explicit budget wins
+    assert budget_gb(None, True, 80.0) == memory.LOW_VRAM_BUDGET_GB
+    assert budget_gb(None, None, 16.0) == 16.0  # the free memory at start
+    assert choose_plan(budget_gb(None, False, 16.0)).name == "streamed"  # --no-low_vram: no small passes
+    assert [next_plan(p).name if next_plan(p) else None for p in PLANS] == [p.name for p in PLANS[1:]] + [None]
+    assert all(a.min_budget_gb > b.min_budget_gb for a, b in zip(PLANS, PLANS[1:]))
+    for bad in (0, -1, float("nan"), float("inf"), True, "8"):
+        with pytest.raises(ValueError, match="max_vram_gb must be a positive number of GB"):
+            check_budget(bad)
+
+
+def _tiny_network(tiny_config):
+    enhancer = Enhancer(tiny_config, progress=False)
+    return enhancer.unet
+
+
+def _inputs(unet):
+    g = torch.Generator().manual_seed(3)
+    cfg = unet.config
+    x = torch.randn(1, cfg.in_dim, 5, 10, 16, generator=g)
+    y = torch.randn(1, 77, cfg.context_dim, generator=g)
+    hint = torch.randn(1, cfg.in_dim, 2, 10, 16, generator=g)
+    mask = torch.tensor([[0, -1, -1, -1, 1]])
+    return x, torch.tensor([500]), y, hint, torch.tensor([250]), torch.tensor([8.0]), mask
+
+
+def test_streamed_weights_give_the_same_outputs_and_park_between_uses(tiny_config):
+    """Units go to the 'device' (a second CPU buffer) when used and back to memory-free NaN
+    placeholders after; a weight read while parked would make the output NaN, a wrong offset
+    would change it."""
+    unet = _tiny_network(tiny_config)
+    x, t, y, hint, t_hint, s_cond, mask = _inputs(unet)
+    with torch.inference_mode():
+        single = unet(x, t, y, hint, t_hint, s_cond, mask)
+        branches = unet.forward_branches(x, t, [y, -y], hint, t_hint, s_cond, mask)
+    streamer = WeightStreamer(unet, "cpu", prefetch=2)
+    assert len(streamer.units) > 20  # encoder, middle and decoder blocks of both networks
+    tensors = [t for unit in streamer.units for t in unit.tensors]
+    assert all(t.untyped_storage().nbytes() <= 8 and t.isnan().all() for t in tensors if t.is_floating_point())
+    with torch.inference_mode():
+        for _ in range(2):  # the first call records the block order, the second replays it
+            assert torch.equal(unet(x, t, y, hint, t_hint, s_cond, mask), single)
+            got = unet.forward_branches(x, t, [y, -y], hint, t_hint, s_cond, mask)
+            assert all(torch.equal(a, b) for a, b in zip(got, branches))
+            streamer.end_of_pass()
+    assert streamer.prefetch_hits > len(streamer.units)  # the replay copies ahead
+    # At most prefetch + 1 units on the 'device' at a time.
+    assert len(streamer._resident) <= 3
+    streamer.detach()
+    with torch.inference_mode():
+        assert torch.equal(unet(x, t, y, hint, t_hint, s_cond, mask), single)
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_every_budget_gives_the_same_video(tiny_config, clip, tmp_path, capsys, monkeypatch):
+    """Through the command line: each budget's plan (float32 on the CPU) writes the default
+    plan's MP4 bytes where it runs the network in the same pieces, and frames within one 8-bit
+    level where frame chunks change float32 sums in their last bits (the encoder can turn one
+    level into more, so those are compared before encoding); the sidecar names the plan."""
+    frames: dict[str, list[np.ndarray]] = {}
+    append = VideoWriter.append
+
+    def keep(self, pixels):
+        frames.setdefault(str(self.path), []).append(pixels.copy())
+        return append(self, pixels)
+
+    monkeypatch.setattr(VideoWriter, "append", keep)
+    videos = {}
+    for budget in [None, *BUDGETS]:
+        save = tmp_path / str(budget)
+        args = ["--config", tiny_config, "--input_path", clip, "--save_dir", save, *FAST, "--device", "cpu"]
+        if budget is not None:
+            args += ["--max_vram_gb", budget]
+        assert cli.main([str(a) for a in args]) == 0, capsys.readouterr().err
+        sidecar = json.loads((save / "clip.json").read_text())
+        plan = sidecar["memory"]["plan"]
+        assert plan["name"] == (BUDGETS[budget] if budget else "full")
+        assert sidecar["memory"]["fallbacks"] == [] and sidecar["memory"]["peak_host_ram_GB"] > 0
+        loads = sidecar["memory"]["streamed_block_loads"]
+        assert loads > 0 if plan["stream_weights"] else loads is None
+        videos[budget] = (save / "clip.mp4", plan["inference"])
+    assert "memory plan 'smallest_streamed'" in capsys.readouterr().err
+    default_path, default_passes = videos[None]
+    base = np.concatenate(frames[str(default_path)]).astype(np.int16)
+    for budget, (path, passes) in videos.items():
+        if passes == default_passes:
+            assert _md5(path) == _md5(default_path), budget
+        got = np.concatenate(frames[str(path)]).astype(np.int16)
+        assert np.abs(got - base).max() <= 1, budget
+
+
+def test_bad_budget_is_a_one_line_usage_error(tiny_config, clip, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--config", str(tiny_config), "--input_path", str(clip), "--save_dir", str(tmp_path),
+                  "--max_vram_gb", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --max_vram_gb: must be a positive number of GB, got '0'" in err
+
+
+def test_out_of_memory_falls_back_to_the_next_plan(tiny_config, clip, tmp_path, monkeypatch):
+    """A simulated OOM in the first plan's denoising: the run finishes with the next plan, from
+    the same random state (the video the next plan gives on its own), and the sidecar says so."""
+    settings = dict(up_scale=2, target_fps=16, solver_mode="normal", steps=2)
+    reference = Enhancer(tiny_config, progress=False, max_vram_gb=23).enhance(clip, save_dir=tmp_path / "ref", **settings)
+    real = pipeline.sample
+    calls = []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sample", first_fails)
+    enhancer = Enhancer(tiny_config, progress=False, max_vram_gb=30)
+    assert enhancer.memory_plan.name == "full" and enhancer.streamer is None
+    result = enhancer.enhance(clip, save_dir=tmp_path / "fallback", **settings)
+    assert len(calls) == 2 and enhancer.memory_plan.name == "streamed" and enhancer.streamer is not None
+    sidecar = json.loads(result.sidecar_path.read_text())
+    assert sidecar["memory"]["plan"]["name"] == "streamed"
+    assert sidecar["memory"]["fallbacks"][0]["from"] == "full" and sidecar["memory"]["fallbacks"][0]["to"] == "streamed"
+    assert len(sidecar["solver_steps_s"]) == 2  # the failed attempt's steps are not counted
+    assert _md5(result.output_path) == _md5(reference.output_path)
+
+
+def test_smallest_plan_out_of_memory_is_the_one_line_error(tiny_config, clip, tmp_path, monkeypatch):
+    def always(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pipeline, "sample", always)
+    enhancer = Enhancer(tiny_config, progress=False, max_vram_gb=15)
+    with pytest.raises(pipeline.EnhanceError, match="out of CPU memory while denoising"):
+        enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
+    assert [f["to"] for f in enhancer.memory_fallbacks] == ["smallest_streamed"]

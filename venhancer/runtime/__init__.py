@@ -1,0 +1,14 @@
+"""What makes a loaded VEnhancer network fast without changing what it computes.
+
+- `ops`: the Triton kernels, one op family per module, each with its `*_supported` check
+  (`ops.SUPPORTED`);
+- `settings.RuntimeSettings`: how an optimized model runs (held by the model, read at call time);
+- `optimize.optimize_for_inference`: swaps the plain layers of `venhancer.models` for their fast
+  twins (`layers`, `transformer`, `branches`: same parameters and state-dict keys);
+- `branches`: the guidance branches' shared evaluation (`FastVEnhancerUNet.forward_branches`).
+"""
+
+from .optimize import make_fast, optimize_for_inference, set_conv_weight_layout
+from .settings import InferenceOptions, RuntimeSettings
+
+__all__ = ["InferenceOptions", "RuntimeSettings", "make_fast", "optimize_for_inference", "set_conv_weight_layout"]

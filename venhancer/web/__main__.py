@@ -1,0 +1,3 @@
+from venhancer.web.server import main
+
+raise SystemExit(main())
