@@ -620,7 +620,7 @@ def test_console_script_is_the_tool():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["scripts"] == {"venhancer": "venhancer.cli:main"}
+    assert project["scripts"]["venhancer"] == "venhancer.cli:main"
     assert "main" in (ROOT / "enhance_a_video.py").read_text()
     listed = {line.split(">=")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")}

@@ -36,7 +36,8 @@ def test_a_failing_warmup_is_only_logged(monkeypatch, caplog):
 
 
 def test_cli_waits_for_the_warmup_before_exiting(monkeypatch, tmp_path):
-    """A run that stops at once (here: a missing input) still joins the warm-up thread first."""
+    """A run that stops early (here: the only input is not a video, found after the warm-up
+    started) still joins the warm-up thread first; a mistyped path stops before it starts."""
     from venhancer import cli
 
     joined = []
@@ -47,4 +48,8 @@ def test_cli_waits_for_the_warmup_before_exiting(monkeypatch, tmp_path):
 
     monkeypatch.setattr(warmup, "start_cuda_warmup", lambda device: Thread())
     code = cli.main(["--input_path", str(tmp_path / "missing.mp4"), "--save_dir", str(tmp_path / "out")])
-    assert code == cli.EXIT_USAGE and len(joined) == 1
+    assert code == cli.EXIT_USAGE and joined == []
+    (tmp_path / "not_a_video.mp4").write_bytes(b"not a video")
+    code = cli.main(["--input_path", str(tmp_path / "not_a_video.mp4"), "--save_dir", str(tmp_path / "out"),
+                     "--device", "cpu"])
+    assert code == cli.EXIT_FAILED and len(joined) == 1

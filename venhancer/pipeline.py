@@ -206,9 +206,10 @@ def _usable_gpu_gb(device: torch.device) -> float | None:
     (torch.cuda.set_per_process_memory_fraction) if lower; None off a GPU."""
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" names no index
+    free, total = torch.cuda.mem_get_info(index)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer PyTorch only
-    fraction = 1.0 if get_fraction is None else get_fraction(device)
+    fraction = 1.0 if get_fraction is None else get_fraction(index)
     return min(free, fraction * total) / 1e9
 
 
