@@ -35,8 +35,8 @@ import json
 import math
 import os
 import statistics
-import time
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 

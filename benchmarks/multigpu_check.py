@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from make_tiny_models import make_clip, make_tiny_models  # noqa: E402
+
 from venhancer.video_io import read_video  # noqa: E402
 
 

@@ -40,6 +40,7 @@ WARM_RUNS = 3  # start-up varies by a few seconds between runs on a shared machi
 def write_full_size_models(outdir: Path) -> Path:
     """Random-weight stand-ins of the three real models, in the formats the tool loads."""
     from bench import build_model, svd_vae
+
     from venhancer.text_encoder import TextEncoder, TextModelConfig
 
     unet = build_model(torch.float16)

@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
 from bench import build_model, window_inputs  # noqa: E402
+
 from venhancer.diffusion.chunking import Job, evaluate_sequential, evaluate_shared_prefix  # noqa: E402
 from venhancer.memory import PLANS, WeightStreamer  # noqa: E402
-from venhancer.runtime import InferenceOptions, optimize_for_inference  # noqa: E402
+from venhancer.runtime import optimize_for_inference  # noqa: E402
 
 
 def main() -> int:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from make_tiny_models import make_clip, make_tiny_models
+
 from venhancer.distributed import DistContext, assign_jobs, shard_videos, solo
 from venhancer.video_io import read_video
 

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import venhancer.pipeline as pipeline
 from make_tiny_models import make_clip, make_tiny_models
 from test_cli import restore_logging  # noqa: F401  (cli.main configures logging; the fixture undoes it)
+
+import venhancer.pipeline as pipeline
 from venhancer import cli, memory
 from venhancer.memory import PLANS, WeightStreamer, budget_gb, check_budget, choose_plan, next_plan
 from venhancer.pipeline import Enhancer

@@ -65,7 +65,7 @@ def test_chunk_windows_cover_and_overlap(frames, k):
     length, overlap = P.chunk_window_params(k)
     ws = P.chunk_windows(frames, k)
     assert ws[0][0] == 0 and ws[-1][1] == frames
-    for (s0, e0), (s1, e1) in zip(ws, ws[1:]):
+    for (s0, e0), (s1, _) in zip(ws, ws[1:]):
         assert e0 - s0 == length and e0 - s1 == overlap and s1 % (k + 1) == 0
     assert ws[-1][1] - ws[-1][0] <= round(length * 1.33)
 

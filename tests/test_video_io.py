@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from make_tiny_models import make_clip
+
 import venhancer.video_io as video_io
 from venhancer.config import load_config
 from venhancer.pipeline import EnhanceOptions, plan_video

@@ -22,8 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from make_tiny_models import make_clip, make_tiny_models
+
 from venhancer.config import load_config
 from venhancer.pipeline import EnhanceOptions, _ReportingBar, plan_video
 from venhancer.video_io import VideoError, VideoInfo, probe_video

@@ -13,12 +13,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-from torch import nn
-
 import open_clip
+import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import LayerNorm, LayerNormFp32, Transformer
+from torch import nn
 
 logger = logging.getLogger(__name__)
 

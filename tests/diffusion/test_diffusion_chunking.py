@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from diffusion_helpers import Recorder, frame_local_model, tables
+
 from venhancer.diffusion import GuidedDenoiser, blend_time, merge_windows, sample, sampling_sigmas
 from venhancer.diffusion.schedule import get_schedule
 from venhancer.planning import chunk_windows, mask_cond

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from diffusion_helpers import Recorder, frame_local_model
+
 from venhancer.diffusion import (
     GuidedDenoiser,
     apply_guidance,

@@ -6,7 +6,6 @@ Everything runs in float32 (schedule included), like the reference.
 from __future__ import annotations
 
 import torch
-
 from diffusion_helpers import (
     Recorder,
     per_item_fake_model,
@@ -16,6 +15,7 @@ from diffusion_helpers import (
     sampler_ref,
     stored_noise_sampler,
 )
+
 from venhancer.diffusion import GuidedDenoiser, StepInfo, sample, sample_dpmpp_2m_sde, sampling_sigmas
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from diffusion_helpers import sampler_json, sampler_ref
+
 from venhancer.diffusion import schedule as S
 
 

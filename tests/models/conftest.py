@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 import unet_helpers  # noqa: F401  (puts tests/ on sys.path for weight_rule)
-from venhancer.models import UNetConfig, VEnhancerUNet
+from safetensors.torch import load_file
 from weight_rule import FIXTURES, fill_model, load_manifest
+
+from venhancer.models import UNetConfig, VEnhancerUNet
 
 
 @pytest.fixture(scope="session")

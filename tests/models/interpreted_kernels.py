@@ -7,12 +7,18 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-
 from unet_helpers import call_args, max_abs, rel_l2
-from venhancer.runtime import ops as kernels
-from venhancer.models.attention import (GEGLU, Attention, FeedForward, SpatialTransformer, TemporalTransformer,
-                                         TransformerBlock)
+
+from venhancer.models.attention import (
+    GEGLU,
+    Attention,
+    FeedForward,
+    SpatialTransformer,
+    TemporalTransformer,
+    TransformerBlock,
+)
 from venhancer.runtime import InferenceOptions, optimize_for_inference
+from venhancer.runtime import ops as kernels
 from venhancer.runtime.layers import FastGroupNorm, _group_norm_act
 
 pytestmark = pytest.mark.skipif(not kernels.interpreting() or kernels.triton is None, reason="needs TRITON_INTERPRET=1 and triton")

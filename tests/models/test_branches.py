@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from unet_helpers import call_args, max_abs, rel_l2
+
 from venhancer.models.attention import SpatialTransformer
 from venhancer.runtime import RuntimeSettings, optimize_for_inference
 from venhancer.runtime.layers import FastResBlock

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-
 from unet_helpers import call_args, max_abs, rel_l2
+
 from venhancer.models.attention import Attention, TemporalTransformer
 from venhancer.models.layers import GroupNorm32, ResBlock, Upsample
 from venhancer.runtime import InferenceOptions, RuntimeSettings, optimize_for_inference

@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from weight_rule import FIXTURES
 
 from venhancer.models import UNetConfig
-from weight_rule import FIXTURES
 
 
 def test_defaults_are_the_published_model():

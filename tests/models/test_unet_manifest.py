@@ -3,9 +3,9 @@
 import json
 
 import torch
+from weight_rule import FIXTURES, load_manifest
 
 from venhancer.models import VEnhancerUNet
-from weight_rule import FIXTURES, load_manifest
 
 
 def _meta_model(config=None):

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from unet_helpers import call_args, max_abs, rel_l2
+from weight_rule import FIXTURES, fill_model, fingerprint, load_manifest
+
 from venhancer.models import VEnhancerUNet
 from venhancer.runtime import InferenceOptions, optimize_for_inference
-from weight_rule import FIXTURES, fill_model, fingerprint, load_manifest
 
 REL_L2 = 1e-3
 

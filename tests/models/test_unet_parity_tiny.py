@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from unet_helpers import call_args, max_abs, rel_l2
 
 import venhancer.models.attention as attention_module
-from unet_helpers import call_args, max_abs, rel_l2
 
 REL_L2 = 1e-4  # acceptance bound; measured errors are ~1e-6 (see README of the reference)
 

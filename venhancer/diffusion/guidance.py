@@ -144,7 +144,7 @@ class GuidedDenoiser:
             raise RuntimeError(f"evaluator returned {len(outputs)} outputs for {len(jobs)} jobs")
         per_branch = 1 if self.single_branch else 2
         x0_parts = []
-        for w, window in enumerate(windows):
+        for w in range(len(windows)):
             v_cond = outputs[w * per_branch]
             v_uncond = None if self.single_branch else outputs[w * per_branch + 1]
             v = apply_guidance(v_cond, v_uncond, self.guide_scale, self.guide_rescale)

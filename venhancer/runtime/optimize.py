@@ -15,8 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from venhancer.models.attention import (GEGLU, Attention, FeedForward, SpatialTransformer, TemporalTransformer,
-                                        TransformerBlock)
+from venhancer.models.attention import (
+    GEGLU,
+    Attention,
+    FeedForward,
+    SpatialTransformer,
+    TemporalTransformer,
+    TransformerBlock,
+)
 from venhancer.models.blocks import UNetBlock
 from venhancer.models.controlnet import VideoControlNet
 from venhancer.models.layers import GroupNorm32, ResBlock, TemporalConvBlock, Upsample
@@ -25,8 +31,15 @@ from venhancer.models.unet import VEnhancerUNet
 from .branches import FastUNetBlock, FastVEnhancerUNet, FastVideoControlNet
 from .layers import FastGroupNorm, FastResBlock, FastTemporalConvBlock, FastUpsample
 from .settings import InferenceOptions, RuntimeSettings
-from .transformer import (FastAttention, FastFeedForward, FastGEGLU, FastLayerNorm, FastSpatialTransformer,
-                          FastTemporalTransformer, FastTransformerBlock)
+from .transformer import (
+    FastAttention,
+    FastFeedForward,
+    FastGEGLU,
+    FastLayerNorm,
+    FastSpatialTransformer,
+    FastTemporalTransformer,
+    FastTransformerBlock,
+)
 
 # Plain class -> fast twin (exact types: a subclass of a plain class is left alone).
 FAST_TWINS: dict[type[nn.Module], type[nn.Module]] = {

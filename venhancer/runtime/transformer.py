@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from venhancer.models.attention import (GEGLU, Attention, FeedForward, SpatialTransformer, TemporalTransformer,
-                                        TransformerBlock, attention)
+from venhancer.models.attention import (
+    GEGLU,
+    Attention,
+    FeedForward,
+    SpatialTransformer,
+    TemporalTransformer,
+    TransformerBlock,
+    attention,
+)
 
 from . import ops
 from .attention import attention_over_frames, linear_plus, takes_flash_kernel, tuned_sdpa

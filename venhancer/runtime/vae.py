@@ -15,8 +15,14 @@ from torch import nn
 from venhancer.models.config import GROUP_NORM_GROUPS
 
 from .attention import SDPA_FAST_HEAD_DIM, half_products_in_float32, wide_head_attention
-from .layers import (DerivedWeight, FastGroupNorm, add_with_channel_bias, conv_without_bias, shortcut_without_bias,
-                     upsample_conv_kernel)
+from .layers import (
+    DerivedWeight,
+    FastGroupNorm,
+    add_with_channel_bias,
+    conv_without_bias,
+    shortcut_without_bias,
+    upsample_conv_kernel,
+)
 from .optimize import fast_group_norm, set_conv_weight_layout
 
 

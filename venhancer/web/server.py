@@ -43,7 +43,7 @@ from venhancer.cli import setup_logging
 
 if TYPE_CHECKING:
     from venhancer.config import PlanningConfig
-    from venhancer.pipeline import Enhancer, EnhanceOptions, VideoPlan
+    from venhancer.pipeline import EnhanceOptions, Enhancer, VideoPlan
     from venhancer.video_io import VideoInfo
 
 logger = logging.getLogger("venhancer.web")

@@ -22,8 +22,18 @@ from __future__ import annotations
 
 from .bias_add import add_supported, add_with_bias
 from .common import HAS_FLATTEN, TensorDescriptor, has_tma, interpreting, rows_channels, runs_on, triton
-from .flash_attention import FLASH_ATTENTION_CONFIG, FLASH_ATTENTION_MIN_KEYS, flash_attention, flash_attention_supported
-from .frame_attention import FRAME_ATTENTION_CONFIGS, FRAME_ATTENTION_MAX_FRAMES, frame_attention, frame_attention_supported
+from .flash_attention import (
+    FLASH_ATTENTION_CONFIG,
+    FLASH_ATTENTION_MIN_KEYS,
+    flash_attention,
+    flash_attention_supported,
+)
+from .frame_attention import (
+    FRAME_ATTENTION_CONFIGS,
+    FRAME_ATTENTION_MAX_FRAMES,
+    frame_attention,
+    frame_attention_supported,
+)
 from .geglu import BIAS_COLUMNS, geglu, with_bias_column
 from .geglu_matmul import GEGLU_MATMUL_CONFIG, GEGLU_MATMUL_MAX_DIM, geglu_matmul, geglu_matmul_supported
 from .group_norm import GROUPS, group_norm, group_norm_rows, group_norm_supported, group_norm_table

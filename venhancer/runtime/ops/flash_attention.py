@@ -15,7 +15,6 @@ import torch
 
 from .common import TensorDescriptor, half_or_interpreted, has_tma, power_of_two_head, tl, triton
 
-
 if triton is not None:
 
     @triton.jit

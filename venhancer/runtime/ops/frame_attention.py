@@ -15,7 +15,6 @@ import torch
 
 from .common import half_or_interpreted, power_of_two_head, tl, triton
 
-
 if triton is not None:
 
     @triton.jit(do_not_specialize=["frames", "positions", "heads"])

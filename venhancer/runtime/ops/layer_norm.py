@@ -12,7 +12,6 @@ import torch
 
 from .common import tl, triton
 
-
 if triton is not None:
 
     @triton.jit

@@ -14,7 +14,6 @@ import torch
 from .common import HAS_FLATTEN, TensorDescriptor, dividing_block, half_or_interpreted, persistent_programs, tl, triton
 from .geglu import gelu
 
-
 if triton is not None:
 
     @triton.jit
