@@ -53,7 +53,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
 # The command line's options that choose the models, copied so that they read and mean the same.
-MODEL_OPTIONS = ("version", "model_path", "config", "device", "dtype", "low_vram", "log_level")
+MODEL_OPTIONS = ("version", "model_path", "config", "device", "dtype", "low_vram", "max_vram_gb", "log_level")
 MAX_JSON_BYTES = 1 << 20
 _COPY_CHUNK = 1 << 20
 _ID = re.compile(r"[0-9a-f]{16}")
@@ -94,7 +94,7 @@ def settings_spec() -> list[dict[str, Any]]:
         "solver_mode": {"choices": list(SOLVER_MODES)},
         "steps": {"min": 1, "step": 1, "integer": True},
         "cfg": {"min": 1, "step": 0.5},
-        "s_cond": {"min": 0, "step": 0.5},
+        "s_cond": {"min": 0, "step": 1, "integer": True},
         "seed": {"min": 0, "max": 2**63 - 1, "step": 1, "integer": True},
     }
     return [{"name": name, "default": defaults[name], "help": helps.get(name, ""), **limit}
@@ -680,7 +680,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def load(progress: Callable[[str, int, int], None]) -> Enhancer:
         return Enhancer(config, version=args.version, model_path=args.model_path or None, device=str(device),
-                        dtype=args.dtype, progress=False, low_vram=args.low_vram, progress_callback=progress)
+                        dtype=args.dtype, progress=False, low_vram=args.low_vram, progress_callback=progress,
+                        max_vram_gb=args.max_vram_gb)
 
     runner = Runner(load)
     loopback = is_loopback(args.host)
