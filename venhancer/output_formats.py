@@ -36,7 +36,15 @@ from typing import IO, TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from venhancer.outputs import frames_path_for, output_path_for, sidecar_path_for
-from venhancer.video_io import OUTPUT_CRF, VideoWriter, _last_line, _umask, ffmpeg_exe, output_color
+from venhancer.video_io import (
+    OUTPUT_CRF,
+    VideoWriter,
+    _umask,
+    feed_frames,
+    ffmpeg_exe,
+    output_color,
+    stop_and_read_error,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -243,21 +251,11 @@ class FrameFolderWriter:
         """Frames (f, H, W, 3) RGB uint16."""
         if self._proc is None:
             raise RuntimeError(f"{self.path}: writer is already closed")
-        if frames.dtype != np.uint16 or frames.shape[1:] != (self.height, self.width, 3):
-            raise ValueError(f"frames must be uint16 (f, {self.height}, {self.width}, 3), "
-                             f"got {frames.dtype} {tuple(frames.shape)}")
-        try:
-            self._proc.stdin.write(np.ascontiguousarray(frames, dtype="<u2").tobytes())
-        except (BrokenPipeError, OSError) as exc:
-            raise OSError(f"{self.path}: ffmpeg stopped while writing PNGs: {self._error()}") from exc
-        self.num_frames += frames.shape[0]
+        self.num_frames += feed_frames(self._proc, self._stderr, frames, np.dtype(np.uint16), (self.height, self.width),
+                                       f"{self.path}: ffmpeg stopped while writing PNGs")
 
     def _error(self) -> str:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._stderr.seek(0)
-        return _last_line(self._stderr.read())
+        return stop_and_read_error(self._proc, self._stderr)
 
     def close(self) -> Path:
         try:

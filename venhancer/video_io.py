@@ -110,6 +110,29 @@ def list_videos(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if is_video_file(p)), key=lambda p: p.name)
 
 
+def stop_and_read_error(proc: Optional[subprocess.Popen], stderr: IO[bytes]) -> str:
+    """Stop `proc` if it still runs; the last line it wrote to `stderr` (a file)."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    stderr.seek(0)
+    return _last_line(stderr.read())
+
+
+def feed_frames(proc: subprocess.Popen, stderr: IO[bytes], frames: np.ndarray, dtype: np.dtype,
+                size: tuple[int, int], stopped: str) -> int:
+    """Write RGB frames (f, h, w, 3) of `dtype` to ffmpeg's stdin; returns how many. `stopped`
+    starts the OSError's message when ffmpeg has quit."""
+    if frames.dtype != dtype or frames.shape[1:] != (*size, 3):
+        raise ValueError(f"frames must be {dtype} (f, {size[0]}, {size[1]}, 3), got {frames.dtype} {tuple(frames.shape)}")
+    try:
+        # rgb48le: ffmpeg reads little-endian whatever the host's order
+        proc.stdin.write(np.ascontiguousarray(frames, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+    except (BrokenPipeError, OSError) as exc:
+        raise OSError(f"{stopped}: {stop_and_read_error(proc, stderr)}") from exc
+    return frames.shape[0]
+
+
 def _last_line(data: bytes | str) -> str:
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -470,22 +493,11 @@ class VideoWriter:
         frames = np.asarray(frames)
         if frames.ndim == 3:
             frames = frames[None]
-        if frames.dtype != self._dtype or frames.shape[1:] != (self.height, self.width, 3):
-            raise ValueError(f"frames must be {self._dtype} (f, {self.height}, {self.width}, 3), "
-                             f"got {frames.dtype} {tuple(frames.shape)}")
-        try:
-            # rgb48le: ffmpeg reads little-endian whatever the host's order
-            self._proc.stdin.write(np.ascontiguousarray(frames, dtype=self._dtype.newbyteorder("<")).tobytes())
-        except (BrokenPipeError, OSError) as exc:
-            raise OSError(f"{self.path}: ffmpeg stopped while encoding: {self._ffmpeg_error()}") from exc
-        self.num_frames += frames.shape[0]
+        self.num_frames += feed_frames(self._proc, self._stderr, frames, self._dtype, (self.height, self.width),
+                                       f"{self.path}: ffmpeg stopped while encoding")
 
     def _ffmpeg_error(self) -> str:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._stderr.seek(0)
-        return _last_line(self._stderr.read())
+        return stop_and_read_error(self._proc, self._stderr)
 
     def _finish_encode(self) -> None:
         assert self._proc is not None
