@@ -163,12 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="model precision; auto: float16 on CUDA, float32 on CPU")
     p.add_argument("--low_vram", action=argparse.BooleanOptionalAction, default=None,
-                   help="smaller network passes and the VAE off the GPU while denoising, for ~16 GB cards "
-                        "(same output, a little slower); default: on when the GPU has under "
-                        "21 GB free at start")
+                   help="--low_vram is --max_vram_gb 15 (a 16 GB card); --no-low_vram plans for at least "
+                        "21 GB; default: the plan follows --max_vram_gb")
     p.add_argument("--max_vram_gb", type=_gigabytes, default=None,
                    help="GPU memory the run may use, in GB: the fastest memory plan that fits it runs (smaller "
-                        "passes, weights streamed block by block, the VAE off the GPU; same output), a smaller "
+                        "passes, weights streamed block by block, the VAE off the GPU; the same computation), a smaller "
                         "one after running out of memory; default: the free GPU memory at start (and the "
                         "allocator's cap). On the CPU it picks the same plan as on a GPU (default: the fastest)")
     p.add_argument("--overwrite", action="store_true",
