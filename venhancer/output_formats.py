@@ -38,6 +38,7 @@ import numpy as np
 from venhancer.outputs import frames_path_for, output_path_for, sidecar_path_for
 from venhancer.video_io import (
     OUTPUT_CRF,
+    ClosesOnSuccess,
     VideoWriter,
     _umask,
     feed_frames,
@@ -298,7 +299,7 @@ class FrameFolderWriter:
         self._stderr.close()
 
 
-class OutputSink:
+class OutputSink(ClosesOnSuccess):
     """The writers of one run. `quantise` (on the decoding thread: device work) turns float frames
     into the arrays each writer takes; `append` (on the writer thread) hands them over.
 
@@ -370,14 +371,6 @@ class OutputSink:
             if writer is not None:
                 writer.abort()
 
-    def __enter__(self) -> "OutputSink":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _to_uint16(x: torch.Tensor) -> torch.Tensor:

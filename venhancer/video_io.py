@@ -416,7 +416,21 @@ def output_color(width: int, height: int) -> tuple[str, str]:
     return "bt601", "smpte170m"
 
 
-class VideoWriter:
+class ClosesOnSuccess:
+    """`with` support for writers: leaving the block normally calls `close()` (the output gets its
+    final name), leaving it by an exception calls `abort()` (nothing half-written stays)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoWriter(ClosesOnSuccess):
     """Streams RGB uint8 frames into an H.264 mp4 at `path`.
 
     fps: the output rate (a Fraction keeps it exact). sar: the pixel aspect ratio to carry into
@@ -476,15 +490,6 @@ class VideoWriter:
         tmp = Path(name)
         self._tmp_files.append(tmp)
         return tmp
-
-    def __enter__(self) -> "VideoWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def append(self, frames: np.ndarray) -> None:
         """Write frames (f, H, W, 3) or one frame (H, W, 3), RGB uint8 (uint16 for a 16-bit encoding)."""
