@@ -174,3 +174,32 @@ def test_smallest_plan_out_of_memory_is_the_one_line_error(tiny_config, clip, tm
     with pytest.raises(pipeline.EnhanceError, match="out of CPU memory while denoising"):
         enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
     assert [f["to"] for f in enhancer.memory_fallbacks] == ["smallest_streamed"]
+
+
+def test_usable_gpu_memory_reads_the_current_device_when_none_is_named(monkeypatch):
+    """`cuda` names no index; torch's per-device memory queries need one (an H200 run failed on
+    exactly this), so the budget asks about the current device. The allocator's cap wins when it
+    is below the free memory."""
+    asked = []
+
+    def mem_get_info(index):
+        asked.append(("mem", index))
+        if not isinstance(index, int):
+            raise ValueError("Expected a torch.device with a specified index")
+        return 30e9, 80e9
+
+    def get_fraction(index):
+        asked.append(("fraction", index))
+        if not isinstance(index, int):
+            raise ValueError("Expected a torch.device with a specified index")
+        return 0.25
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", get_fraction, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert pipeline._usable_gpu_gb(torch.device("cuda")) == pytest.approx(20.0)  # 0.25 x 80 GB < 30 GB free
+    assert asked == [("mem", 3), ("fraction", 3)]
+    asked.clear()
+    assert pipeline._usable_gpu_gb(torch.device("cuda:1")) == pytest.approx(20.0)
+    assert asked == [("mem", 1), ("fraction", 1)]
+    assert pipeline._usable_gpu_gb(torch.device("cpu")) is None
