@@ -368,6 +368,18 @@ def _max_level_difference(a: Path, b: Path) -> int:
     return int(abs(x.astype("int16") - y.astype("int16")).max())
 
 
+def _max_frame_folder_difference(a: Path, b: Path) -> int:
+    """Largest difference in 8-bit levels between two `--frames_dir` folders (the frames before
+    the video encoder, which can turn a one-level difference into many)."""
+    from torchvision.io import ImageReadMode, read_image
+
+    names = sorted(p.name for p in a.glob("*.png"))
+    if names != sorted(p.name for p in b.glob("*.png")) or not names:
+        return 255
+    return max(int((read_image(str(a / n), ImageReadMode.RGB).short() - read_image(str(b / n), ImageReadMode.RGB).short())
+                   .abs().max()) for n in names)
+
+
 def run_caps(cli_args: list[str], scratch: Path, out_dir: Path, args) -> int:
     """The seed clip uncapped (the default plan), then once per cap in `args.cap_gb`, each in its
     own process with the allocator capped for the whole run (capped_cli.py): whether it finished,
@@ -375,6 +387,7 @@ def run_caps(cli_args: list[str], scratch: Path, out_dir: Path, args) -> int:
     reserved, the peak host RAM, and whether it wrote the same video (MD5 of the MP4, else the
     largest difference in 8-bit levels of the decoded frames)."""
     stem = Path(cli_args[cli_args.index("--input_path") + 1]).stem
+    cli_args = [*cli_args, "--frames_dir"]  # lossless frames too: the plans' difference before encoding
     runs = []
     for cap in [None, *args.cap_gb]:
         save_dir = scratch / f"results_cap{cap or 0:g}"
@@ -414,6 +427,8 @@ def run_caps(cli_args: list[str], scratch: Path, out_dir: Path, args) -> int:
             same = run["output_md5"] == base["output_md5"]
             run["output_identical"] = same
             run["max_level_difference"] = 0 if same else _max_level_difference(Path(base["video"]), Path(run["video"]))
+            frames = [Path(r["video"]).with_name(f"{stem}_frames") for r in (base, run)]
+            run["max_level_difference_before_encoding"] = _max_frame_folder_difference(*frames)
     result = {"gpu": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
               "steps_run": args.steps, "runs": runs}
     (out_dir / "bench_pipeline_caps.json").write_text(json.dumps(result, indent=1))
@@ -429,8 +444,9 @@ def run_caps(cli_args: list[str], scratch: Path, out_dir: Path, args) -> int:
             continue
         plan = run["plan"] + (" (fallback)" if run["fallbacks"] else "")
         peak = run["peak_gpu_memory_reserved_GB"]
-        same = ("identical" if run.get("output_identical") else f"max {run.get('max_level_difference')} levels") \
-            if "output_identical" in run else "-"
+        same = ("identical" if run.get("output_identical") else
+                f"max {run.get('max_level_difference')} levels ({run.get('max_level_difference_before_encoding')} "
+                f"before encoding)") if "output_identical" in run else "-"
         print(f"{cap:>7} {'yes':>5} {plan:<24} {run['process_wall_s']:>7.1f} {run.get('ratio_wall', float('nan')):>5.2f}x "
               f"{run['fast_mode_total_s_scaled']:>10.1f} {run.get('ratio_fast_mode_scaled', float('nan')):>5.2f}x "
               f"{(peak if peak is not None else float('nan')):>12.1f} {run['peak_host_ram_GB']:>13.1f}  {same}")

@@ -2,7 +2,8 @@
 resident network (bit for bit), the time per evaluation with and without streaming, and the peak
 memory, for windows of the seed clip's latent size, per memory plan's pass sizes.
 
-    python benchmarks/stream_check.py [frames ...]     # default 16; with --peaks: streamed only"""
+    python benchmarks/stream_check.py [frames ...] [--peaks] [PLAN_NAME ...]
+    # default 16 frames, every streamed plan; --peaks: streamed runs only (no resident reference)"""
 
 from __future__ import annotations
 
@@ -17,16 +18,17 @@ import torch  # noqa: E402
 from bench import build_model, window_inputs  # noqa: E402
 
 from venhancer.diffusion.chunking import Job, evaluate_sequential, evaluate_shared_prefix  # noqa: E402
-from venhancer.memory import PLANS, WeightStreamer  # noqa: E402
+from venhancer.memory import PLAN_NAMES, PLANS, WeightStreamer  # noqa: E402
 from venhancer.runtime import optimize_for_inference  # noqa: E402
 
 
 def main() -> int:
     peaks_only = "--peaks" in sys.argv
     counts = [int(a) for a in sys.argv[1:] if a.isdigit()] or [16]
+    chosen = {a for a in sys.argv[1:] if a in PLAN_NAMES}
     model = build_model(torch.float16)
     configs = [(p.name, p.inference, evaluate_shared_prefix if p.shared_branch_prefix else evaluate_sequential)
-               for p in PLANS if p.stream_weights and (p.name != "streamed_sequential")]
+               for p in PLANS if p.stream_weights and (p.name in chosen or not chosen and p.name != "streamed_sequential")]
     for frames in counts:
         x, t, y_c, y_u, common = window_inputs(frames)
         jobs = [Job((0, frames), "cond", x, t, {"y": y_c, **common}),

@@ -19,8 +19,9 @@ from venhancer.pipeline import Enhancer
 from venhancer.video_io import VideoWriter
 
 FAST = ["--solver_mode", "normal", "--steps", "2", "--up_scale", "2", "--target_fps", "16"]
-# One budget per plan (7: below every plan's, the smallest is tried).
-BUDGETS = {30: "full", 23: "streamed", 18: "streamed_sequential", 15: "small_passes_streamed", 7: "smallest_streamed"}
+# One budget per plan (5: below every plan's, the smallest is tried).
+BUDGETS = {30: "full", 23: "streamed", 18: "streamed_sequential", 15: "small_passes_streamed", 10: "smallest_streamed",
+           7: "parked_streamed", 5: "parked_streamed"}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_every_budget_gives_the_same_video(tiny_config, clip, tmp_path, capsys, 
         loads = sidecar["memory"]["streamed_block_loads"]
         assert loads > 0 if plan["stream_weights"] else loads is None
         videos[budget] = (save / "clip.mp4", plan["inference"])
-    assert "memory plan 'smallest_streamed'" in capsys.readouterr().err
+    assert "memory plan 'parked_streamed'" in capsys.readouterr().err
     default_path, default_passes = videos[None]
     base = np.concatenate(frames[str(default_path)]).astype(np.int16)
     for budget, (path, passes) in videos.items():
@@ -173,7 +174,7 @@ def test_smallest_plan_out_of_memory_is_the_one_line_error(tiny_config, clip, tm
     enhancer = Enhancer(tiny_config, progress=False, max_vram_gb=15)
     with pytest.raises(pipeline.EnhanceError, match="out of CPU memory while denoising"):
         enhancer.enhance(clip, up_scale=2, target_fps=16, save_dir=tmp_path)
-    assert [f["to"] for f in enhancer.memory_fallbacks] == ["smallest_streamed"]
+    assert [f["to"] for f in enhancer.memory_fallbacks] == ["smallest_streamed", "parked_streamed"]
 
 
 def test_usable_gpu_memory_reads_the_current_device_when_none_is_named(monkeypatch):

@@ -26,7 +26,7 @@ import resource
 import sys
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 # --low_vram is this budget (a 16 GB card less the CUDA context and the display).
 LOW_VRAM_BUDGET_GB = 15.0
 # The smallest plan is meant for this much; below it, it is still tried (with a warning).
-MIN_PLAN_BUDGET_GB = 10.0
+MIN_PLAN_BUDGET_GB = 6.5
 _ALIGN = 512  # bytes: the CUDA caching allocator's alignment
 
 
@@ -66,7 +66,7 @@ class MemoryPlan:
     def describe(self) -> str:
         knobs = [f"{name}={getattr(self.inference, name)}" for name in
                  ("ff_chunk_tokens", "spatial_chunk_tokens", "temporal_chunk_tokens", "conv_frame_chunk",
-                  "concat_frame_chunk")]
+                  "concat_frame_chunk", "park_activations")]
         return (f"memory plan {self.name!r} (for >= {self.min_budget_gb:g} GB; seed clip est. "
                 f"{self.est_peak_gb:g} GB GPU, {self.est_host_gb:g} GB host): "
                 f"branches {'shared prefix' if self.shared_branch_prefix else 'sequential'}, "
@@ -79,7 +79,8 @@ class MemoryPlan:
                 "vae_offload": self.vae_offload, "stream_weights": self.stream_weights,
                 "inference": {name: getattr(self.inference, name) for name in
                               ("ff_chunk_tokens", "spatial_chunk_tokens", "temporal_chunk_tokens",
-                               "conv_frame_chunk", "concat_frame_chunk", "share_self_attention")}}
+                               "conv_frame_chunk", "concat_frame_chunk", "share_self_attention",
+                               "park_activations")}}
 
 
 _SMALLEST = InferenceOptions(ff_chunk_tokens=2**15, spatial_chunk_tokens=40_000, temporal_chunk_tokens=2**16,
@@ -104,8 +105,10 @@ PLANS: tuple[MemoryPlan, ...] = (
                stream_weights=True),
     MemoryPlan("small_passes_streamed", 11.0, 13.2, 10.5, InferenceOptions.low_vram(), shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
-    MemoryPlan("smallest_streamed", MIN_PLAN_BUDGET_GB, 13.7, 10.5, _SMALLEST, shared_branch_prefix=False,
+    MemoryPlan("smallest_streamed", 10.0, 13.7, 10.5, _SMALLEST, shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
+    MemoryPlan("parked_streamed", MIN_PLAN_BUDGET_GB, 7.0, 17.0, replace(_SMALLEST, park_activations=True),
+               shared_branch_prefix=False, vae_offload=True, stream_weights=True),
 )
 PLAN_NAMES = tuple(plan.name for plan in PLANS)
 

@@ -562,6 +562,10 @@ class Enhancer:
             yield
         finally:
             if self.vae_weights is not None:
+                if self.streamer is not None:
+                    # The decode gets the memory of the network blocks still on the GPU.
+                    self.streamer.release()
+                    torch.cuda.empty_cache()
                 self.vae_weights.visit(self.device)
 
     def _denoise_within_budget(self, z_key: torch.Tensor, y_cond: torch.Tensor, y_uncond: torch.Tensor,

@@ -23,29 +23,62 @@ from venhancer.models.layers import timestep_sinusoid
 from venhancer.models.unet import VEnhancerUNet
 
 from .layers import add_with_channel_bias, channel_bias, conv_without_bias
+from .parking import HostParking, Parked, prefetch, unpark
 from .settings import RuntimeSettings
 
 
 class BiasPending(NamedTuple):
     """A zero convolution's output without its bias: `plus_control` adds the bias together with
-    the residual, one pass fewer over the activations."""
+    the residual, one pass fewer over the activations. `conv_out` may wait in host memory."""
 
-    conv_out: torch.Tensor
+    conv_out: torch.Tensor | Parked
     bias: torch.Tensor
 
 
-def control_tensor(residual: torch.Tensor | BiasPending) -> torch.Tensor:
-    """A ControlNet residual as a tensor (its pending bias added)."""
-    if isinstance(residual, BiasPending):
-        return residual.conv_out + channel_bias(residual.bias, residual.conv_out)
-    return residual
+Residual = torch.Tensor | BiasPending | Parked
 
 
-def plus_control(h: torch.Tensor, residual: torch.Tensor | BiasPending) -> torch.Tensor:
-    """h + a ControlNet residual (with a pending bias: one fused pass)."""
+def control_tensor(residual: Residual) -> torch.Tensor:
+    """A ControlNet residual as a tensor (back from host memory, its pending bias added)."""
     if isinstance(residual, BiasPending):
-        return add_with_channel_bias(h, residual.conv_out, residual.bias)
-    return h + residual
+        conv_out = unpark(residual.conv_out)
+        return conv_out + channel_bias(residual.bias, conv_out)
+    return unpark(residual)
+
+
+def plus_control(h: torch.Tensor, residual: Residual, then: Residual | None = None) -> torch.Tensor:
+    """h + a ControlNet residual (with a pending bias: one fused pass). `then`: the residual
+    needed next, brought back from host memory meanwhile if parked."""
+    if isinstance(residual, BiasPending):
+        out = add_with_channel_bias(h, unpark(residual.conv_out), residual.bias)
+    else:
+        out = h + unpark(residual)
+    prefetch_residual(then)
+    return out
+
+
+def prefetch_residual(residual: Residual | None) -> None:
+    """Start bringing a ControlNet residual back from host memory if it is parked."""
+    prefetch(residual.conv_out if isinstance(residual, BiasPending) else residual)
+
+
+def parking_for(module: nn.Module, device: torch.device) -> HostParking | None:
+    """The module's `HostParking` for `device` when its settings park activations, else None."""
+    if not module.settings.park_activations:
+        return None
+    parking = getattr(module, "_parking", None)
+    if parking is None or parking.device != device:
+        parking = module._parking = HostParking(device)
+    return parking
+
+
+def parked(value: torch.Tensor | BiasPending, parking: HostParking | None):
+    """`value` (or a pending-bias residual's convolution output) parked in host memory, when parking."""
+    if parking is None:
+        return value
+    if isinstance(value, BiasPending):
+        return BiasPending(parking.park(value.conv_out), value.bias)
+    return parking.park(value)
 
 
 
@@ -57,7 +90,8 @@ class FastUNetBlock(UNetBlock):
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], emb: torch.Tensor, context: torch.Tensor | None,
                 num_frames: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """emb: ((b f), embed_dim) per-frame embedding; context: (b, M, context_dim) text.
-        A decoder block gets x as (x, skip): its first layer, a ResBlock, concatenates them.
+        A decoder block gets x as (x, skip) or [x, skip] (which its ResBlock empties: see
+        `FastResBlock.forward`): its first layer, a ResBlock, concatenates them.
         `start`/`stop` run only layers [start, stop)."""
         for layer in list(self)[start:stop]:
             x = self.run_layer(layer, x, emb, context, num_frames)
@@ -141,10 +175,12 @@ class FastVideoControlNet(VideoControlNet):
         state = self.start(inp)
         return [control_tensor(r) for r in state.outputs + self.finish(state, inp.y, consume=True)]
 
-    def _zero_conv(self, conv: nn.Sequential, x: torch.Tensor) -> torch.Tensor | BiasPending:
+    def _zero_conv(self, conv: nn.Sequential, x: torch.Tensor) -> Residual:
         if self.settings.fused_kernels:
-            return BiasPending(conv_without_bias(conv[0], x), conv[0].bias)
-        return conv(x)
+            residual = BiasPending(conv_without_bias(conv[0], x), conv[0].bias)
+        else:
+            residual = conv(x)
+        return parked(residual, parking_for(self, x.device))
 
     def start(self, inp: NetworkInputs, self_attention: bool = False) -> EncoderState:
         """Every layer before the first one that reads the text: its results serve all guidance
@@ -221,10 +257,14 @@ class FastVEnhancerUNet(VEnhancerUNet):
         emb = emb.repeat_interleave(f, dim=0)  # ((b f), E)
         x = inp.x.transpose(1, 2).reshape(b * f, c, h, w)  # (b, c, f, h, w) -> ((b f), c, h, w)
 
-        def skip(index: int, out: torch.Tensor) -> torch.Tensor:
-            folded = plus_control(out, control[index])
+        parking = parking_for(self, x.device)
+        prefetch_residual(control[0])
+
+        def skip(index: int, out: torch.Tensor) -> torch.Tensor | Parked:
+            # (`control` may end with the blocks this call completes: the shared-prefix path)
+            folded = plus_control(out, control[index], then=control[index + 1] if index + 1 < len(control) else None)
             control[index] = None
-            return folded
+            return parked(folded, parking)
 
         return encode_text_free(self.input_blocks, x, emb, f, first=0, keep=skip, outputs=[], self_attention=self_attention)
 
@@ -234,21 +274,28 @@ class FastVEnhancerUNet(VEnhancerUNet):
         indexed by encoder block (those from `state.block` on are used), then the middle block's.
         `consume`: the last use of `state`, whose activations are then released as they go."""
         f = state.num_frames
+        parking = parking_for(self, state.emb.device)
         # Skips as a stack (consumed last-in first-out by the decoder); with `consume` the state's
         # own list, so each skip is released once used.
         skips = state.outputs if consume else list(state.outputs)
+        shared = len(skips)  # the first ones, made before the branches split
 
         def skip(index: int, out: torch.Tensor) -> None:
-            skips.append(plus_control(out, control[index]))
+            skips.append(parked(plus_control(out, control[index], then=control[index + 1]), parking))
             control[index] = None
 
         x = encode_rest(self.input_blocks, state, context, keep=skip, consume=consume)
         x = self.middle_block(x, state.emb, context, f)
-        x = plus_control(x, control[-1])
+        x = plus_control(x, control[-1], then=skips[-1])
         for block in self.output_blocks:
+            skip_in = skips.pop()
+            # Skips shared with later guidance branches (not `consume`) stay in host memory.
+            skip_in = unpark(skip_in, then=skips[-1] if skips else None, keep=not consume and len(skips) < shared)
             # x comes first in the channel concatenation, which the block's ResBlock forms (per
-            # frame chunk when it runs in chunks).
-            x = block((x, skips.pop()), state.emb, context, f)
+            # frame chunk when it runs in chunks). A list hands the block the last references.
+            inputs = [x, skip_in]
+            x = skip_in = None
+            x = block(inputs, state.emb, context, f)
         x = self.out(x)
 
         bf, c, h, w = x.shape

@@ -140,13 +140,22 @@ class FastResBlock(ResBlock):
 
     settings: RuntimeSettings
 
-    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], emb: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x: ((b f), c_in, h, w) or a tuple of such tensors; emb: ((b f), embed_dim)."""
-        parts = x if isinstance(x, tuple) else (x,)
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor], emb: torch.Tensor,
+                num_frames: int) -> torch.Tensor:
+        """x: ((b f), c_in, h, w) or a tuple of such tensors; emb: ((b f), embed_dim). A list is
+        the caller's last reference to its tensors: it is emptied, so that they are freed once the
+        per-frame part has read them, before the temporal convolutions' transients exist (at 40
+        frames of the decoder's level 0: 3 GB)."""
+        if isinstance(x, list):
+            parts = tuple(x)
+            x.clear()
+        else:
+            parts = x if isinstance(x, tuple) else (x,)
         chunks = [self.settings.conv_frame_chunk] + ([self.settings.concat_frame_chunk] if len(parts) > 1 else [])
         chunk = min((c for c in chunks if c is not None), default=None)
         emb_out = self.emb_layers(emb)  # ((b f), c_out)
         h = in_frame_chunks(lambda p, e: self._per_frame(_concat_channels(p), e), chunk, parts, emb_out)
+        del parts
         return self.temopral_conv(h, num_frames)
 
     def _per_frame(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
