@@ -368,16 +368,17 @@ def _max_level_difference(a: Path, b: Path) -> int:
     return int(abs(x.astype("int16") - y.astype("int16")).max())
 
 
-def _max_frame_folder_difference(a: Path, b: Path) -> int:
-    """Largest difference in 8-bit levels between two `--frames_dir` folders (the frames before
-    the video encoder, which can turn a one-level difference into many)."""
+def _max_frame_folder_difference(a: Path, b: Path) -> float:
+    """Largest difference, in 8-bit levels, between two `--frames_dir` folders of 16-bit PNGs
+    (the frames before the video encoder, which can turn a one-level difference into many)."""
     from torchvision.io import ImageReadMode, read_image
 
     names = sorted(p.name for p in a.glob("*.png"))
     if names != sorted(p.name for p in b.glob("*.png")) or not names:
-        return 255
-    return max(int((read_image(str(a / n), ImageReadMode.RGB).short() - read_image(str(b / n), ImageReadMode.RGB).short())
-                   .abs().max()) for n in names)
+        return 255.0
+    largest = max(int((read_image(str(a / n), ImageReadMode.RGB).int() - read_image(str(b / n), ImageReadMode.RGB).int())
+                      .abs().max()) for n in names)
+    return round(largest / 257, 2)  # 65535 / 255 = 257 sixteen-bit steps per 8-bit level
 
 
 def run_caps(cli_args: list[str], scratch: Path, out_dir: Path, args) -> int:
