@@ -26,7 +26,7 @@ import resource
 import sys
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -84,31 +84,27 @@ class MemoryPlan:
 
 
 _SMALLEST = InferenceOptions(ff_chunk_tokens=2**15, spatial_chunk_tokens=40_000, temporal_chunk_tokens=2**16,
-                             conv_frame_chunk=2, concat_frame_chunk=2)
+                             conv_frame_chunk=2, concat_frame_chunk=2, park_activations=True)
 
-# Estimated peaks for the seed clip. Measured on an H200 (benchmarks/stream_check.py, one window,
-# both guidance branches, weights streamed, allocator uncapped, so "reserved" includes cache that a
-# cap would reclaim), allocated / reserved GB:
-#   streamed (shared prefix, default passes):   31 frames 13.2 / 17.2, 40 frames 15.9 / 20.2
-#   InferenceOptions.low_vram(), sequential:    31 frames  7.9 / 11.2, 40 frames  9.9 / 13.2
-#   _SMALLEST, sequential:                      31 frames  7.8 / 10.7, 40 frames  9.9 / 13.7
-# Streaming changed no output bit and no evaluation time (16 frames: 2.07-2.09 s both ways). The
-# floor of ~9.9 GB allocated at 40 frames is the UNet skips and ControlNet residuals (~5 GB) plus
-# whole level-0 activations, which smaller passes do not touch: below ~10 GB they would have to
-# live in host memory (not done). Unmeasured: "full" is the README's 22.9 GB whole-clip peak,
-# "streamed_sequential" the README's sequential peak less the weights. Host: ~6 GB of process,
-# text encoder (float32, 1.4 GB), VAE and video; streaming adds the 4.1 GB page-locked copy.
+# Peaks of the seed clip end to end through the CLI (bench.py pipeline --cap_gb, H200,
+# 2026-12-02; benchmarks/results/pipeline_caps_h200_2026-12-02b.json), GPU memory reserved / host:
+#   full, uncapped:                         22.6 / 5.6 GB
+#   streamed, 23 GB cap:                    21.3 / 8.0 GB
+#   small_passes_streamed, 15 GB cap:       13.6 / 8.0 GB (it ran out of memory under an 11 GB cap)
+#   parked_streamed, 11 GB cap:             11.0 / 16.9 GB (the allocator fills what the cap allows;
+#                                           one 40-frame window allocates 5.9 GB at most, stream_check.py)
+# "streamed_sequential" is unmeasured end to end: the sequential branches' peak less the weights.
+# Parking cost no time on one window (40 frames: 6.03 s parked, 6.04 s resident, same bits), so no
+# plan runs the smallest passes without it.
 PLANS: tuple[MemoryPlan, ...] = (
-    MemoryPlan("full", 26.0, 22.9, 6.0),
-    MemoryPlan("streamed", 21.0, 20.2, 10.5, vae_offload=True, stream_weights=True),
-    MemoryPlan("streamed_sequential", 18.0, 16.5, 10.5, shared_branch_prefix=False, vae_offload=True,
+    MemoryPlan("full", 26.0, 22.6, 5.6),
+    MemoryPlan("streamed", 21.0, 21.3, 8.0, vae_offload=True, stream_weights=True),
+    MemoryPlan("streamed_sequential", 18.0, 16.5, 8.0, shared_branch_prefix=False, vae_offload=True,
                stream_weights=True),
-    MemoryPlan("small_passes_streamed", 11.0, 13.2, 10.5, InferenceOptions.low_vram(), shared_branch_prefix=False,
+    MemoryPlan("small_passes_streamed", 14.0, 13.6, 8.0, InferenceOptions.low_vram(), shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
-    MemoryPlan("smallest_streamed", 10.0, 13.7, 10.5, _SMALLEST, shared_branch_prefix=False,
+    MemoryPlan("parked_streamed", MIN_PLAN_BUDGET_GB, 11.0, 16.9, _SMALLEST, shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
-    MemoryPlan("parked_streamed", MIN_PLAN_BUDGET_GB, 7.0, 17.0, replace(_SMALLEST, park_activations=True),
-               shared_branch_prefix=False, vae_offload=True, stream_weights=True),
 )
 PLAN_NAMES = tuple(plan.name for plan in PLANS)
 
@@ -269,6 +265,20 @@ class WeightStreamer:
         logger.info("streaming %d network blocks (%.2f GB, largest %.0f MB) from %s host memory, %d ahead",
                     len(self.units), self.host.numel() / 1e9, max((u.nbytes for u in self.units), default=0) / 1e6,
                     "page-locked" if self.pinned else "pageable", self.prefetch)
+
+    def place_resident(self) -> None:
+        """Move the tensors outside the streamed blocks (embeddings, the ControlNet's 1x1
+        convolutions, the output layers: ~1% of the weights) to the device, for a model that was
+        loaded into host memory."""
+        with torch.inference_mode(False), torch.no_grad():
+            for t in self.resident_tensors():
+                if t.device != self.device:
+                    t.data = t.data.to(self.device)
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """The model's tensors that are in no streamed block."""
+        streamed = {id(t) for unit in self.units for t in unit.tensors}
+        return [t for t in _tensors_of(self.model) if id(t) not in streamed]
 
     # -- packing ------------------------------------------------------------------------------
 

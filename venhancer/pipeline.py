@@ -342,11 +342,17 @@ class Enhancer:
     def _load_network(self) -> VEnhancerUNet:
         start = time.perf_counter()
         logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
-        unet = load_unet_cached(self.unet_path, config=self.config.unet, device=self.device, dtype=self.dtype)
+        # Streamed weights are loaded into host memory: the whole network never visits the GPU,
+        # where it would sit beside the VAE encoder's full-resolution frames (the load runs on
+        # the worker thread while the frames are encoded).
+        streamed = self.memory_plan.stream_weights
+        unet = load_unet_cached(self.unet_path, config=self.config.unet, device="cpu" if streamed else self.device,
+                                dtype=self.dtype)
         # Same function, faster kernels and a smaller footprint (venhancer.runtime).
         optimize_for_inference(unet, self.memory_plan.inference)
-        if self.memory_plan.stream_weights:
+        if streamed:
             self.streamer = WeightStreamer(unet, self.device, prefetch=self.memory_plan.prefetch_units)
+            self.streamer.place_resident()
         self.load_timings["load_network"] = time.perf_counter() - start
         return unet
 
