@@ -21,7 +21,7 @@ def test_interpreter_mode_is_read_at_each_call(monkeypatch):
 
 def test_every_op_family_has_a_support_check():
     assert set(ops.SUPPORTED) == {"group_norm", "layer_norm", "bias_add", "geglu", "geglu_matmul", "linear_add",
-                                  "frame_attention", "flash_attention"}
+                                  "frame_attention", "flash_attention", "fp8_attention", "fp8_linear"}
     assert all(callable(check) for check in ops.SUPPORTED.values())
 
 
