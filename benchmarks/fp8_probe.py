@@ -6,20 +6,26 @@ Triton compilation included):
 1. Attention at the spatial transformers' level-0 and level-1 shapes (8 frames; 5 heads x 38,880
    tokens and 10 heads x 9,720 tokens; head width 64; fp16 q/k/v as the strided views of a fused
    q/k/v projection, as the runtime passes them): SDPA (the runtime's tuned order), the fp16 flash
-   kernel (`ops.flash_attention`), and `ops.fp8_attention` with P V in fp16 (a) and in e4m3 (b),
-   the FP8 pre-pass timed on its own as well. Error: relative L2 against float32 SDPA on the
-   first frame's first two heads.
+   kernel (`ops.flash_attention`), and `ops.fp8_attention` with q.k in int8 and in e4m3, each
+   with P V in fp16 (a) and in e4m3 (b) (variants int8_pv16, int8_pv8, e4m3_pv16, e4m3_pv8), the
+   8-bit pre-pass timed on its own as well. Error: relative L2 against float32 SDPA on the first
+   frame's first two heads.
 2. Linears at the network's shapes (tokens x in x out): fp16 F.linear against `ops.fp8_linear`
    (activation quantisation included; weights quantised beforehand, as the runtime holds them),
    with the quantisation pass and torch._scaled_mm timed apart; for the GEGLU projection also the
    fp16 fused `ops.geglu_matmul` against the FP8 product plus `ops.geglu`. Error: relative L2
    against the float32 product.
 3. With --network: the full-size network (random weights, as benchmarks/bench.py builds it),
-   `forward_branches` on a 31-frame 162x240 window, for the fp16 optimized path and the FP8
-   variants: median of 3 timed calls after a first (compiling) one, and each output's relative L2
-   against the fp16 optimized output (and against a float32 plain run with --fp32_reference).
+   `forward_branches` on a 31-frame 162x240 window (--frames), for the fp16 optimized path,
+   8-bit attention only (int8 q.k, fp16 P V) and 8-bit attention + FP8 Linears (default
+   variants; --variants for others): median of 3 timed calls after a first (compiling) one, and
+   each output's relative L2 against the fp16 optimized output at that window. With
+   --fp32_reference also against a float32 plain (unoptimized) run on the same weights and
+   inputs, at a smaller window (--reference_frames, 8 by default, to keep float32 time and
+   memory small): every variant's output is recomputed at that window for this column.
 
-Each measurement that fails prints one line and the probe goes on. Prints tables, writes JSON.
+Each measurement that fails prints one line and the probe goes on; the JSON is written after
+each part (and once more if a part raises). Prints tables.
 """
 
 from __future__ import annotations
@@ -61,16 +67,22 @@ ATTENTION_SHAPES = [("level0", 8, 5, 38880), ("level1", 8, 10, 9720)]
 LINEAR_SHAPES = [(305040, 320, 320), (305040, 320, 2560), (305040, 1280, 320), (78120, 640, 640),
                  (78120, 1280, 1280), (19530, 1280, 1280), (305040, 640, 640)]
 GEGLU_SHAPE = (305040, 320, 2560)
+# attention variants of ops.fp8_attention: (q.k format, P V in e4m3)
+FP8_ATTENTION_VARIANTS = {"int8_pv16": ("int8", False), "int8_pv8": ("int8", True),
+                          "e4m3_pv16": ("e4m3", False), "e4m3_pv8": ("e4m3", True)}
 NETWORK_VARIANTS = {
     "fp16": RuntimeSettings(),
-    "fp8_all": RuntimeSettings(fp8=True),
-    "fp8_all_pv": RuntimeSettings(fp8=True, fp8_pv=True),
-    "fp8_attention": RuntimeSettings(fp8=True, fp8_linear=False),
-    "fp8_attention_pv": RuntimeSettings(fp8=True, fp8_linear=False, fp8_pv=True),
-    "fp8_linear": RuntimeSettings(fp8=True, fp8_attention=False),
+    "attn8": RuntimeSettings(fp8=True, fp8_linear=False),  # int8 q.k, fp16 P V
+    "attn8_linear8": RuntimeSettings(fp8=True),  # the same + FP8 Linears
+    "attn8_pv8": RuntimeSettings(fp8=True, fp8_linear=False, fp8_pv=True),
+    "attn8_e4m3": RuntimeSettings(fp8=True, fp8_linear=False, fp8_qk="e4m3"),
+    "attn8_e4m3_linear8": RuntimeSettings(fp8=True, fp8_qk="e4m3"),
+    "linear8": RuntimeSettings(fp8=True, fp8_attention=False),
 }
-# Four evaluations each (~5 s apiece expected on an H200): what fits the probe's few minutes.
-DEFAULT_NETWORK_VARIANTS = ["fp16", "fp8_all", "fp8_attention", "fp8_attention_pv"]
+# Three evaluations each at 31 frames (~5 s apiece expected on an H200): what fits the probe's
+# few minutes.
+DEFAULT_NETWORK_VARIANTS = ["fp16", "attn8", "attn8_linear8"]
+SETTINGS_FIELDS = ("fp8", "fp8_attention", "fp8_linear", "fp8_pv", "fp8_qk")
 
 
 def median_s(fn, reps: int) -> float:
@@ -117,9 +129,9 @@ def probe_attention(args, failures: dict) -> list[dict]:
         variants = {
             "sdpa": lambda: attention(q, k, v, heads, sdpa=tuned_sdpa),
             "flash_fp16": lambda: ops.flash_attention(q, k, v, heads),
-            "fp8_a": lambda: ops.fp8_attention(q, k, v, heads, fp8_pv=False),
-            "fp8_b": lambda: ops.fp8_attention(q, k, v, heads, fp8_pv=True),
         }
+        for variant, (qk, pv) in FP8_ATTENTION_VARIANTS.items():
+            variants[variant] = lambda qk=qk, pv=pv: ops.fp8_attention(q, k, v, heads, fp8_pv=pv, qk=qk)
         print(f"attention {name}: {frames} frames x {heads} heads x {tokens} tokens", flush=True)
         for variant, fn in variants.items():
             label = f"attention {name} {variant}"
@@ -131,10 +143,10 @@ def probe_attention(args, failures: dict) -> list[dict]:
                 del out
                 row["total_s"] = median_s(fn, args.reps)
                 row["TFLOPs"] = flops / row["total_s"] / 1e12
-                if variant.startswith("fp8"):
-                    pv = variant == "fp8_b"
-                    row["prepass_s"] = median_s(lambda: quantize_attention_inputs(q, k, v, heads, pv), args.reps)
-                    prepared = quantize_attention_inputs(q, k, v, heads, pv)
+                if variant in FP8_ATTENTION_VARIANTS:
+                    qk, pv = FP8_ATTENTION_VARIANTS[variant]
+                    row["prepass_s"] = median_s(lambda: quantize_attention_inputs(q, k, v, heads, pv, qk), args.reps)
+                    prepared = quantize_attention_inputs(q, k, v, heads, pv, qk)
                     row["kernel_s"] = median_s(lambda: attend_quantized(prepared, frames, heads, q.dtype), args.reps)
                 return row
 
@@ -193,23 +205,41 @@ def probe_linears(args, failures: dict) -> list[dict]:
     return rows
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
-def probe_network(args, failures: dict) -> dict:
+def probe_network(args, failures: dict, result: dict) -> dict:
+    """Fills `result` (the caller's, so that what was measured survives a later failure)."""
     model = bench.build_model(torch.float16)
     x, t, y_c, y_u, common = bench.window_inputs(args.frames)
-    result = {"frames": args.frames, "latent": bench.LATENT, "variants": {}}
-    reference = None
+    result.update({"frames": args.frames, "latent": list(bench.LATENT), "variants": {}})
+    reference = small = None
     if args.fp32_reference:
-        def plain_float32():
+        result["reference_frames"] = args.reference_frames
+        small = bench.window_inputs(args.reference_frames)
+        sx, st, sy_c, sy_u, scommon = small
+
+        def plain_float32():  # the plain network (not optimized) on a float32 copy of the same weights
             full = copy.deepcopy(model).float()
             with torch.autocast("cuda", enabled=False):
-                outs = [full(x, t, y, **common) for y in (y_c, y_u)]
+                outs = [full(sx, st, y, **scommon) for y in (sy_c, sy_u)]
             del full
             return outs
 
         reference = attempt("network float32 reference", plain_float32, failures)
-        torch.cuda.empty_cache()
-    base = None
+        empty_cache()
+        print(f"network: float32 plain reference at {args.reference_frames} frames "
+              f"{'done' if reference is not None else 'failed'}; the 'vs fp32' column recomputes each variant "
+              f"at {args.reference_frames} frames", flush=True)
+    base = base_small = None
     for name in args.variants:
         settings = NETWORK_VARIANTS[name]
         label = f"network {name}"
@@ -217,12 +247,12 @@ def probe_network(args, failures: dict) -> dict:
         def measure(settings=settings):
             optimize_for_inference(model, settings)
             fn = lambda: model.forward_branches(x, t, [y_c, y_u], **common)  # noqa: E731
-            torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
             out = fn()
-            torch.cuda.synchronize()
-            row = {"first_call_s": time.perf_counter() - start, "settings": {
-                k: getattr(settings, k) for k in ("fp8", "fp8_attention", "fp8_linear", "fp8_pv")}}
+            synchronize()
+            row = {"first_call_s": time.perf_counter() - start,
+                   "settings": {k: getattr(settings, k) for k in SETTINGS_FIELDS}}
             row["times_s"] = bench.cuda_time(fn, 3, warmup=False)
             row["median_s"] = statistics.median(row["times_s"])
             return row, out
@@ -235,16 +265,26 @@ def probe_network(args, failures: dict) -> dict:
             base = out
         if base is not None:
             row["rel_l2_vs_fp16"] = max(rel_l2(o, b) for o, b in zip(out, base))
+        del out
         if reference is not None:
-            row["rel_l2_vs_float32"] = max(rel_l2(o, r) for o, r in zip(out, reference))
+            sx, st, sy_c, sy_u, scommon = small
+            outs_small = attempt(f"{label} at {args.reference_frames} frames",
+                                 lambda: model.forward_branches(sx, st, [sy_c, sy_u], **scommon), failures)
+            if outs_small is not None:
+                row["rel_l2_vs_float32"] = max(rel_l2(o, r) for o, r in zip(outs_small, reference))
+                if name == "fp16":
+                    base_small = outs_small
+                elif base_small is not None:
+                    row["rel_l2_vs_fp16_small"] = max(rel_l2(o, b) for o, b in zip(outs_small, base_small))
+            del outs_small
         if "fp16" in result["variants"]:
             row["speedup_vs_fp16"] = result["variants"]["fp16"]["median_s"] / row["median_s"]
         result["variants"][name] = row
         print(f"{label:<26} {row['median_s']:.3f} s (first call {row['first_call_s']:.1f} s)"
               f"  x{row.get('speedup_vs_fp16', 1.0):.2f}  rel L2 vs fp16 {row.get('rel_l2_vs_fp16', 0.0):.2e}"
-              + (f" vs float32 {row['rel_l2_vs_float32']:.2e}" if "rel_l2_vs_float32" in row else ""), flush=True)
-        del out
-        torch.cuda.empty_cache()
+              + (f" | at {args.reference_frames} frames: vs float32 {row['rel_l2_vs_float32']:.2e}"
+                 if "rel_l2_vs_float32" in row else ""), flush=True)
+        empty_cache()
     return result
 
 
@@ -264,12 +304,16 @@ def print_tables(res: dict) -> None:
                   f"{r['fp16_rel_l2']:>10.1e}{r['fp8_rel_l2']:>10.1e}  {'yes' if r['used_by_network'] else 'no'}")
     network = res.get("network")
     if network and network["variants"]:
-        print(f"\nnetwork, forward_branches, {network['frames']} frames at latent {network['latent'][0]}x{network['latent'][1]}:")
-        print(f"{'variant':<20}{'median s':>10}{'speed-up':>10}{'vs fp16':>10}{'vs fp32':>10}")
+        print(f"\nnetwork, forward_branches, {network['frames']} frames at latent {network['latent'][0]}x{network['latent'][1]}"
+              " (median of 3; 'vs fp16': rel L2 against the fp16 optimized output at this window)")
+        if "reference_frames" in network:
+            print(f"'vs fp32': rel L2 against a float32 plain run at {network['reference_frames']} frames, each variant "
+                  f"recomputed at {network['reference_frames']} frames for it")
+        print(f"{'variant':<20}{'median s':>10}{'speed-up':>10}{'vs fp16':>10}{'vs fp32':>10}  settings")
         for name, r in network["variants"].items():
             vs32 = f"{r['rel_l2_vs_float32']:>10.2e}" if "rel_l2_vs_float32" in r else f"{'-':>10}"
             print(f"{name:<20}{r['median_s']:>10.3f}{r.get('speedup_vs_fp16', float('nan')):>10.2f}"
-                  f"{r.get('rel_l2_vs_fp16', float('nan')):>10.2e}{vs32}")
+                  f"{r.get('rel_l2_vs_fp16', float('nan')):>10.2e}{vs32}  {r['settings']}")
     if res["failures"]:
         print("\nfailures:")
         for label, error in res["failures"].items():
@@ -287,7 +331,10 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_NETWORK_VARIANTS, choices=list(NETWORK_VARIANTS),
                         help="network variants (fp16 first: the others' baseline)")
     parser.add_argument("--fp32_reference", action="store_true",
-                        help="network: also a float32 plain run of both branches (a copy of the weights in float32)")
+                        help="network: also a float32 plain run of both branches (a copy of the weights in float32), "
+                             "at --reference_frames")
+    parser.add_argument("--reference_frames", type=int, default=8,
+                        help="window of the float32 reference (every variant recomputed at it for that column)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("this probe needs a CUDA GPU", file=sys.stderr)
@@ -307,17 +354,33 @@ def main(argv=None) -> int:
     res["scaled_mm_way"] = attempt("scaled_mm way", lambda: fp8_linear_module._scaled_mm_way(torch.float16, torch.device("cuda")),
                                    res["failures"])
     out = Path(args.out or os.path.join(os.environ.get("OUT", "."), "fp8_probe.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if not args.skip_ops:
-        res["attention"] = probe_attention(args, res["failures"])
-        out.write_text(json.dumps(res, indent=1))
-        res["linears"] = probe_linears(args, res["failures"])
-        out.write_text(json.dumps(res, indent=1))
+
+    def write():
+        res["probe_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(res, indent=1, default=str))
+
+    parts = [] if args.skip_ops else [("attention", lambda: probe_attention(args, res["failures"])),
+                                      ("linears", lambda: probe_linears(args, res["failures"]))]
     if args.network:
-        res["network"] = probe_network(args, res["failures"])
-    res["probe_s"] = time.perf_counter() - started
-    out.write_text(json.dumps(res, indent=1))
-    print_tables(res)
+        res["network"] = {}
+        parts.append(("network", lambda: probe_network(args, res["failures"], res["network"])))
+    for part, fn in parts:
+        try:
+            got = fn()
+            if part != "network":
+                res[part] = got
+        except Exception as error:  # a part that fails outside its measurements: record, go on
+            res["failures"][part] = one_line(error)
+            print(f"{part}: FAILED {res['failures'][part]}", flush=True)
+            empty_cache()
+        write()
+    write()
+    try:
+        print_tables(res)
+    except Exception as error:
+        print(f"tables: FAILED {one_line(error)}")
     print(f"\nwrote {out} ({res['probe_s']:.0f} s)")
     return 0
 

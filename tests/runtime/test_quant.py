@@ -68,6 +68,30 @@ def test_block_scales_cover_each_block_of_rows(rows, block):
     assert ((back - x.double()).abs() <= _roundtrip_bound(x, per_row) * (1 + 1e-6)).all()
 
 
+@pytest.mark.parametrize("rows, block", [(300, 128), (5, 64)])
+def test_int8_blocks_round_to_nearest_within_half_a_step(rows, block):
+    gen = torch.Generator().manual_seed(rows + 1)
+    x = torch.randn(2, 3, rows, 64, generator=gen) * 5
+    x[0, 0] = 0  # an all-zero matrix: scale 1, zeros
+    q8, scales = quant.quantize_blocks(x, block, "int8")
+    assert q8.dtype == torch.int8 and q8.shape == x.shape and scales.dtype == torch.float32
+    assert q8.abs().max() == 127 and int(q8[0, 0].abs().max()) == 0 and torch.all(scales[0, 0] == 1)
+    for b in range(-(-rows // block)):
+        part = x[..., b * block : (b + 1) * block, :].double()
+        want = part.abs().amax(dim=(-2, -1)) / 127
+        assert torch.allclose(scales[..., b].double()[want > 0], want[want > 0], rtol=1e-6, atol=0)
+    per_row = quant.expand_blocks(scales, block, rows)
+    back = quant.dequantize(q8, per_row, torch.float64)
+    assert ((back - x.double()).abs() <= per_row.double() * (0.5 + 1e-5)).all()
+
+
+def test_int8_rounds_ties_away_from_zero_and_clamps():
+    x = torch.tensor([[0.5, -0.5, 1.5, -2.5, 126.6, 300.0, -300.0]])
+    assert quant.quantize_int8(x, torch.ones(1, 1)).tolist() == [[1, -1, 2, -3, 127, 127, -127]]
+    with pytest.raises(ValueError, match="'int4'"):
+        quant.quantize_blocks(x, 1, "int4")
+
+
 def test_weight_scales_per_output_channel():
     gen = torch.Generator().manual_seed(1)
     # a strided weight (a view of a joined [W | b] matrix, as the feed-forward's down-projection)

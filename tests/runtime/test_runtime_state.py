@@ -47,3 +47,6 @@ def test_settings_are_immutable_and_checked():
     with pytest.raises(ValueError, match="temporal_chunk_tokens"):
         RuntimeSettings(temporal_chunk_tokens=0)
     assert RuntimeSettings(fused_kernels=False).frame_attention is False
+    assert RuntimeSettings().fp8_qk == "int8" and RuntimeSettings(fp8_qk="e4m3").fp8_qk == "e4m3"
+    with pytest.raises(ValueError, match="'int4'"):
+        RuntimeSettings(fp8_qk="int4")

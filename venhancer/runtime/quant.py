@@ -7,6 +7,10 @@ e4m3 (`torch.float8_e4m3fn`) has 3 mantissa bits and no infinities: its largest 
 `x / scale` rounded to e4m3 with scale = absmax / 448 over the group of elements that shares it,
 so every group uses the format's whole range; rounding to nearest then errs by at most 2**-4 of
 an element (half a unit in the last place) in the normal range and by 2**-10 * scale below it.
+The attention's q and k may instead be int8 (`ops.fp8_attention`'s default): `x / scale` with
+scale = absmax / 127, rounded to the nearest integer (ties away from zero) and clamped to +-127,
+which errs by at most half a step, scale / 2, for every element of the group (7 bits over the
+group's range, against e4m3's 3 mantissa bits).
 The Triton kernels (`ops.fp8_attention`, `ops.fp8_linear`) compute the same scales and roundings;
 the tests check them against these functions.
 """
@@ -22,6 +26,7 @@ E4M3_MAX = 448.0
 # place of 3 mantissa bits), and the largest absolute error, in units of the scale, below it.
 E4M3_HALF_ULP = 2.0**-4
 E4M3_SUBNORMAL_HALF_STEP = 2.0**-10
+INT8_MAX = 127.0
 
 
 def fp8_supported(device: torch.device | str) -> bool:
@@ -40,11 +45,11 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """float32 scales absmax / 448; groups of zeros get scale 1 (they quantise to zeros), so that
-    no division by zero or NaN can occur."""
+def absmax_scale(absmax: torch.Tensor, maximum: float = E4M3_MAX) -> torch.Tensor:
+    """float32 scales absmax / maximum (448: e4m3, 127: int8); groups of zeros get scale 1 (they
+    quantise to zeros), so that no division by zero or NaN can occur."""
     absmax = absmax.float()
-    return torch.where(absmax > 0, absmax / E4M3_MAX, torch.ones_like(absmax))
+    return torch.where(absmax > 0, absmax / maximum, torch.ones_like(absmax))
 
 
 def row_scales(x: torch.Tensor) -> torch.Tensor:
@@ -52,15 +57,16 @@ def row_scales(x: torch.Tensor) -> torch.Tensor:
     return absmax_scale(x.abs().amax(dim=-1, keepdim=True))
 
 
-def block_scales(x: torch.Tensor, block: int) -> torch.Tensor:
+def block_scales(x: torch.Tensor, block: int, maximum: float = E4M3_MAX) -> torch.Tensor:
     """One scale per `block` consecutive rows (axis -2) of each (rows, d) matrix, the last block
-    possibly shorter: (..., n, d) -> (..., ceil(n / block)) float32."""
+    possibly shorter: (..., n, d) -> (..., ceil(n / block)) float32 (`maximum`: as
+    `absmax_scale`)."""
     n, d = x.shape[-2:]
     blocks = -(-n // block)
     padded = torch.zeros((*x.shape[:-2], blocks * block, d), dtype=x.dtype, device=x.device)
     padded[..., :n, :] = x.abs()
     # (..., blocks * block, d) -> (..., blocks, block * d)
-    return absmax_scale(padded.reshape(*x.shape[:-2], blocks, block * d).amax(dim=-1))
+    return absmax_scale(padded.reshape(*x.shape[:-2], blocks, block * d).amax(dim=-1), maximum)
 
 
 def expand_blocks(scales: torch.Tensor, block: int, rows: int) -> torch.Tensor:
@@ -75,8 +81,15 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale (scale broadcast against x) rounded to the nearest integer, ties away from zero
+    (the kernels' +-0.5 and truncation), clamped to +-127, as int8."""
+    scaled = x.float() / scale
+    return torch.trunc(scaled + 0.5 * torch.sign(scaled)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The values that `quantize` stored: x_fp8 * scale, in `dtype`."""
+    """The values that `quantize` (or `quantize_int8`) stored: x_fp8 * scale, in `dtype`."""
     return (x_fp8.float() * scale).to(dtype)
 
 
@@ -86,11 +99,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize(x, scale), scale
 
 
-def quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., n, d) -> (e4m3 values, (..., ceil(n / block)) float32 scales), one scale per
-    `block` rows."""
-    scales = block_scales(x, block)
-    return quantize(x, expand_blocks(scales, block, x.shape[-2])), scales
+def quantize_blocks(x: torch.Tensor, block: int, fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., n, d) -> (e4m3 or (fmt "int8") int8 values, (..., ceil(n / block)) float32
+    scales), one scale per `block` rows."""
+    if fmt not in ("e4m3", "int8"):
+        raise ValueError(f"fmt must be 'e4m3' or 'int8', got {fmt!r}")
+    int8 = fmt == "int8"
+    scales = block_scales(x, block, INT8_MAX if int8 else E4M3_MAX)
+    expanded = expand_blocks(scales, block, x.shape[-2])
+    return (quantize_int8(x, expanded) if int8 else quantize(x, expanded)), scales
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,7 +95,7 @@ class FastAttention(Attention):
         elif frames is not None:
             out = attention_over_frames(q, k, v, self.heads, frames, sdpa=sdpa)
         elif settings.fp8_attention_kernel and takes_fp8_attention(q, k, v, self.heads):
-            out = ops.fp8_attention(q, k, v, self.heads, fp8_pv=settings.fp8_pv)
+            out = ops.fp8_attention(q, k, v, self.heads, fp8_pv=settings.fp8_pv, qk=settings.fp8_qk)
         elif settings.flash_attention and takes_flash_kernel(q, k, v, self.heads):
             out = ops.flash_attention(q, k, v, self.heads)
         else:

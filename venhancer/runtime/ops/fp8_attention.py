@@ -1,16 +1,21 @@
-"""softmax(q k^T / sqrt(d)) v per head with q and k in FP8 (e4m3), for the spatial transformers'
+"""softmax(q k^T / sqrt(d)) v per head with q and k in 8 bits, for the spatial transformers'
 long self-attentions on GPUs with FP8 tensor cores: `flash_attention`'s kernel (online softmax,
-float32 scores and sums, two query halves per program) with the score product on e4m3 operands,
-which the tensor cores run at twice the fp16 rate.
+float32 scores and sums, two query halves per program) with the score product on 8-bit operands,
+which Hopper's tensor cores run at twice the fp16 rate. Two formats for q and k (`qk`):
+- "int8" (the default, SageAttention's choice): symmetric int8, scale absmax / 127 per block,
+  rounded to nearest (ties away from zero), the block's product accumulated exactly in int32.
+  7 bits of resolution for every element of a block: a float64 emulation of the rounding gives
+  1.4e-2 relative L2 for one attention at 38,880 randn tokens;
+- "e4m3": FP8 with scale absmax / 448 per block; 3 mantissa bits, 4.2e-2 in the same emulation.
 
 Two passes:
 1. `_fp8_attention_prepass_kernel` reads q, k (and v) once, in the layout `flash_attention`
-   receives (strided views of a fused q/k/v projection), and writes contiguous e4m3 copies and
-   float32 scales: q with one scale per BLOCK_M queries of a head (the softmax's
+   receives (strided views of a fused q/k/v projection), and writes contiguous 8-bit copies (int8
+   or e4m3) and float32 scales: q with one scale per BLOCK_M queries of a head (the softmax's
    log2(e)/sqrt(d) folded in), k with one per BLOCK_N keys of a head after subtracting k's mean
    over the sequence (per item, head and channel). The mean shifts every score of a query row by
    the same q . mean(k), which softmax cancels exactly; removing it leaves the (often large)
-   common component out of the scale, so the e4m3 values resolve what differs between keys
+   common component out of the scale, so the 8-bit values resolve what differs between keys
    (SageAttention's smoothing).
 2. `_fp8_attention_kernel`: the flash-attention loop; each block's float32 scores are de-scaled
    by q_scale * k_scale. The second product, P V, in one of two ways (`fp8_pv`):
@@ -43,24 +48,34 @@ if triton is not None:
 
     @triton.jit
     def _quantize_row_blocks(x, TOKENS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             ROUND_IN_FLOAT32: tl.constexpr):
-        # x (TOKENS, HEAD_DIM) float32 -> (e4m3 (TOKENS, HEAD_DIM), (TOKENS // BLOCK,) float32
-        # scales): one scale absmax / 448 per BLOCK rows (448: e4m3's largest value, as
-        # `quant.E4M3_MAX`); all-zero blocks get scale 1.
+                             QK_INT8: tl.constexpr, ROUND_IN_FLOAT32: tl.constexpr):
+        # x (TOKENS, HEAD_DIM) float32 -> (8-bit (TOKENS, HEAD_DIM), (TOKENS // BLOCK,) float32
+        # scales): one scale per BLOCK rows, absmax / 448 for e4m3 (its largest value, as
+        # `quant.E4M3_MAX`) or absmax / 127 for int8 (`quant.INT8_MAX`); all-zero blocks get
+        # scale 1. int8: rounded to nearest, ties away from zero (+-0.5, then the conversion's
+        # truncation), as `quant.quantize_int8`.
         blocks = x.reshape(TOKENS // BLOCK, BLOCK, HEAD_DIM)
         absmax = tl.max(tl.max(tl.abs(blocks), axis=2), axis=1)
-        scale = tl.where(absmax > 0, absmax / 448.0, 1.0)
-        scaled = tl.minimum(tl.maximum(blocks / scale[:, None, None], -448.0), 448.0)
-        return to_e4m3(scaled, ROUND_IN_FLOAT32).reshape(TOKENS, HEAD_DIM), scale
+        if QK_INT8:
+            scale = tl.where(absmax > 0, absmax / 127.0, 1.0)
+            scaled = blocks / scale[:, None, None]
+            rounded = tl.where(scaled >= 0, scaled + 0.5, scaled - 0.5).to(tl.int32)
+            out = tl.minimum(tl.maximum(rounded, -127), 127).to(tl.int8)
+        else:
+            scale = tl.where(absmax > 0, absmax / 448.0, 1.0)
+            scaled = tl.minimum(tl.maximum(blocks / scale[:, None, None], -448.0), 448.0)
+            out = to_e4m3(scaled, ROUND_IN_FLOAT32)
+        return out.reshape(TOKENS, HEAD_DIM), scale
 
     @triton.jit(do_not_specialize=["seq_q", "seq_k", "heads", "q_blocks", "k_blocks", "v8_row"])
     def _fp8_attention_prepass_kernel(q_ptr, k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, q8_ptr, k8_ptr, v8_ptr,
                                       q_scale_ptr, k_scale_ptr, seq_q, seq_k, heads, q_blocks, k_blocks, v8_row,
                                       q_sb, q_st, k_sb, k_st, v_sb, v_st, qk_scale,
                                       TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                      HEAD_DIM: tl.constexpr, FP8_PV: tl.constexpr, ROUND_IN_FLOAT32: tl.constexpr):
+                                      HEAD_DIM: tl.constexpr, FP8_PV: tl.constexpr, QK_INT8: tl.constexpr,
+                                      ROUND_IN_FLOAT32: tl.constexpr):
         # Program (token block, item x head): TOKENS rows of one head of q, k (and v) read from
-        # the (items, tokens, heads*d) views, written as e4m3 (item*head, tokens, d) (v: (item*head,
+        # the (items, tokens, heads*d) views, written as int8 or e4m3 (item*head, tokens, d) (v: e4m3 (item*head,
         # d, tokens) with rows v8_row apart) with their block scales (item*head, blocks).
         pid = tl.program_id(0)
         head_row = tl.program_id(1)  # item * heads + head
@@ -73,7 +88,8 @@ if triton is not None:
         if pid * TOKENS < seq_q:
             q_ok = (rows < seq_q)[:, None]
             q = tl.load(q_ptr + item * q_sb + rows64[:, None] * q_st + col + d[None, :], mask=q_ok, other=0.0)
-            q8, q_scale = _quantize_row_blocks(q.to(tl.float32), TOKENS, BLOCK_M, HEAD_DIM, ROUND_IN_FLOAT32)
+            q8, q_scale = _quantize_row_blocks(q.to(tl.float32), TOKENS, BLOCK_M, HEAD_DIM, QK_INT8,
+                                                  ROUND_IN_FLOAT32)
             tl.store(q8_ptr + (head_row * seq_q + rows64)[:, None] * HEAD_DIM + d[None, :], q8, mask=q_ok)
             block = pid * (TOKENS // BLOCK_M) + tl.arange(0, TOKENS // BLOCK_M)
             tl.store(q_scale_ptr + head_row * q_blocks + block, q_scale * qk_scale, mask=block < q_blocks)
@@ -83,7 +99,7 @@ if triton is not None:
             k_mean = tl.load(k_mean_ptr + head_row * HEAD_DIM + d)
             # rows past the end stay zero (not -mean): they must not enlarge the last block's scale
             k = tl.where(k_ok, k.to(tl.float32) - k_mean[None, :], 0.0)
-            k8, k_scale = _quantize_row_blocks(k, TOKENS, BLOCK_N, HEAD_DIM, ROUND_IN_FLOAT32)
+            k8, k_scale = _quantize_row_blocks(k, TOKENS, BLOCK_N, HEAD_DIM, QK_INT8, ROUND_IN_FLOAT32)
             tl.store(k8_ptr + (head_row * seq_k + rows64)[:, None] * HEAD_DIM + d[None, :], k8, mask=k_ok)
             block = pid * (TOKENS // BLOCK_N) + tl.arange(0, TOKENS // BLOCK_N)
             tl.store(k_scale_ptr + head_row * k_blocks + block, k_scale, mask=block < k_blocks)
@@ -99,9 +115,9 @@ if triton is not None:
     def _fp8_attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, o_ptr, seq_q, seq_k,
                               heads, q_blocks, k_blocks, o_sb, o_st, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               HEAD_DIM: tl.constexpr, STAGES: tl.constexpr, FP8_PV: tl.constexpr,
-                              ROUND_IN_FLOAT32: tl.constexpr):
+                              QK_INT8: tl.constexpr, ROUND_IN_FLOAT32: tl.constexpr):
         # Program (query block, item x head), as `_flash_attention_kernel`: q8, k8 through TMA
-        # descriptors over the pre-pass's (item*head, tokens, d) e4m3 tensors (rows past a
+        # descriptors over the pre-pass's (item*head, tokens, d) int8 or e4m3 tensors (rows past a
         # sequence's end read as zeros, the last key block masked); v through one over the fused
         # projection's (items, tokens, heads*d) view (fp16), or (FP8_PV) over the pre-pass's
         # (item*head, d, tokens) e4m3 transpose.
@@ -124,10 +140,15 @@ if triton is not None:
         for start in tl.range(0, seq_k, BLOCK_N, num_stages=STAGES):
             k = k_desc.load([head_row, start, 0]).reshape(BLOCK_N, HEAD_DIM)
             score_scale = q_scale * tl.load(k_scale_ptr + head_row * k_blocks + start // BLOCK_N)
-            # e4m3 x e4m3 -> float32, over d (64) products only: a fresh accumulator per block,
-            # so the FP8 tensor cores' reduced-precision accumulation never spans key blocks
-            s0 = tl.dot(q0, k.T)
-            s1 = tl.dot(q1, k.T)
+            if QK_INT8:
+                # int8 x int8 -> int32, exact (64 products of at most 127 * 127), then float32
+                s0 = tl.dot(q0, k.T, out_dtype=tl.int32).to(tl.float32)
+                s1 = tl.dot(q1, k.T, out_dtype=tl.int32).to(tl.float32)
+            else:
+                # e4m3 x e4m3 -> float32, over d (64) products only: a fresh accumulator per block,
+                # so the FP8 tensor cores' reduced-precision accumulation never spans key blocks
+                s0 = tl.dot(q0, k.T)
+                s1 = tl.dot(q1, k.T)
             if start + BLOCK_N > seq_k:  # keys past the end: zero rows, which must get no weight
                 s0 = tl.where((start + n < seq_k)[None, :], s0, float("-inf"))
                 s1 = tl.where((start + n < seq_k)[None, :], s1, float("-inf"))
@@ -172,10 +193,10 @@ def fp8_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
 
 
 class Fp8AttentionInputs(NamedTuple):
-    """What the pre-pass hands the attention kernel: e4m3 q8 (b*heads, n, d) and k8
-    (b*heads, m, d) with float32 block scales (b*heads, blocks), q's including log2(e)/sqrt(d);
-    with fp8_pv, v8 (b*heads, d, m padded to 16) and its float32 channel scales (b, heads*d),
-    else v itself."""
+    """What the pre-pass hands the attention kernel: q8 (b*heads, n, d) and k8 (b*heads, m, d),
+    int8 or e4m3 (`qk`), with float32 block scales (b*heads, blocks), q's including
+    log2(e)/sqrt(d); with fp8_pv, e4m3 v8 (b*heads, d, m padded to 16) and its float32 channel
+    scales (b, heads*d), else v itself."""
 
     q8: torch.Tensor
     k8: torch.Tensor
@@ -184,20 +205,27 @@ class Fp8AttentionInputs(NamedTuple):
     k_scale: torch.Tensor
     v_scale: torch.Tensor | None
     fp8_pv: bool
+    qk: str
+
+
+QK_FORMATS = ("int8", "e4m3")
 
 
 def quantize_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                              fp8_pv: bool = False) -> Fp8AttentionInputs:
+                              fp8_pv: bool = False, qk: str = "int8") -> Fp8AttentionInputs:
     """The pre-pass of `fp8_attention` (module docstring, step 1), on its arguments."""
+    if qk not in QK_FORMATS:
+        raise ValueError(f"qk must be one of {QK_FORMATS}, got {qk!r}")
     batch, seq_q, inner = q.shape
     seq_k = k.shape[1]
     head_dim = inner // heads
     head_rows = batch * heads
     block_m, block_n = FP8_ATTENTION_CONFIG[:2]
     device, fp8 = q.device, torch.float8_e4m3fn
+    qk_dtype = torch.int8 if qk == "int8" else fp8
     q_blocks, k_blocks = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
-    q8 = torch.empty((head_rows, seq_q, head_dim), device=device, dtype=fp8)
-    k8 = torch.empty((head_rows, seq_k, head_dim), device=device, dtype=fp8)
+    q8 = torch.empty((head_rows, seq_q, head_dim), device=device, dtype=qk_dtype)
+    k8 = torch.empty((head_rows, seq_k, head_dim), device=device, dtype=qk_dtype)
     q_scale = torch.empty((head_rows, q_blocks), device=device, dtype=torch.float32)
     k_scale = torch.empty((head_rows, k_blocks), device=device, dtype=torch.float32)
     k_mean = k.mean(dim=1, dtype=torch.float32)  # (b, heads*d), read as (b*heads, d)
@@ -214,14 +242,14 @@ def quantize_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, k_mean, k_mean if v_scale is None else v_scale, q8, k8, k8 if v8 is None else v8, q_scale, k_scale,
         seq_q, seq_k, heads, q_blocks, k_blocks, v8_row, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), qk_scale, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        FP8_PV=fp8_pv, ROUND_IN_FLOAT32=interpreting(), num_warps=4)
-    return Fp8AttentionInputs(q8, k8, v if v8 is None else v8, q_scale, k_scale, v_scale, fp8_pv)
+        FP8_PV=fp8_pv, QK_INT8=qk == "int8", ROUND_IN_FLOAT32=interpreting(), num_warps=4)
+    return Fp8AttentionInputs(q8, k8, v if v8 is None else v8, q_scale, k_scale, v_scale, fp8_pv, qk)
 
 
 def attend_quantized(inputs: Fp8AttentionInputs, batch: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
     """The attention kernel of `fp8_attention` (module docstring, step 2) on the pre-pass's
     output -> a contiguous (b, n, heads*d) tensor of `dtype`."""
-    q8, k8, v, q_scale, k_scale, v_scale, fp8_pv = inputs
+    q8, k8, v, q_scale, k_scale, v_scale, fp8_pv, qk = inputs
     head_rows, seq_q, head_dim = q8.shape
     seq_k = k8.shape[1]
     block_m, block_n, warps, stages = FP8_ATTENTION_CONFIG
@@ -235,14 +263,17 @@ def attend_quantized(inputs: Fp8AttentionInputs, batch: int, heads: int, dtype: 
     _fp8_attention_kernel[(q_scale.shape[1], head_rows)](
         q_desc, k_desc, v_desc, q_scale, k_scale, q_scale if v_scale is None else v_scale, out, seq_q, seq_k,
         heads, q_scale.shape[1], k_scale.shape[1], out.stride(0), out.stride(1), BLOCK_M=block_m,
-        BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, FP8_PV=fp8_pv, ROUND_IN_FLOAT32=interpreting(),
+        BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, FP8_PV=fp8_pv, QK_INT8=qk == "int8",
+        ROUND_IN_FLOAT32=interpreting(),
         num_warps=warps, num_stages=stages)
     return out
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, fp8_pv: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v per head with the score product in e4m3: q (b, n, heads*d),
-    k and v (b, m, heads*d), any row strides (views of a fused q/k/v projection) -> a contiguous
-    (b, n, heads*d) tensor of q's dtype, as `flash_attention`. `fp8_pv`: P V in e4m3 as well
-    (variant (b) of the module docstring), else in q's dtype. See `fp8_attention_supported`."""
-    return attend_quantized(quantize_attention_inputs(q, k, v, heads, fp8_pv), q.shape[0], heads, q.dtype)
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, fp8_pv: bool = False,
+                  qk: str = "int8") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head with the score product in 8 bits (`qk`: "int8" or
+    "e4m3", see the module docstring): q (b, n, heads*d), k and v (b, m, heads*d), any row strides
+    (views of a fused q/k/v projection) -> a contiguous (b, n, heads*d) tensor of q's dtype, as
+    `flash_attention`. `fp8_pv`: P V in e4m3 as well (variant (b) of the module docstring), else
+    in q's dtype. See `fp8_attention_supported`."""
+    return attend_quantized(quantize_attention_inputs(q, k, v, heads, fp8_pv, qk), q.shape[0], heads, q.dtype)
