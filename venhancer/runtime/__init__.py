@@ -8,7 +8,8 @@
 - `branches`: the guidance branches' shared evaluation (`FastVEnhancerUNet.forward_branches`).
 """
 
+from .fp8 import fp8_supported
 from .optimize import make_fast, optimize_for_inference, set_conv_weight_layout
 from .settings import InferenceOptions, RuntimeSettings
 
-__all__ = ["InferenceOptions", "RuntimeSettings", "make_fast", "optimize_for_inference", "set_conv_weight_layout"]
+__all__ = ["InferenceOptions", "RuntimeSettings", "fp8_supported", "make_fast", "optimize_for_inference", "set_conv_weight_layout"]

@@ -55,6 +55,8 @@ class RuntimeSettings:
     # The decoder's upsampling (nearest x2, crop, 3x3 conv) as one transposed convolution: same
     # sums with the taps that meet one input pixel pre-added, 4/9 of the multiply-adds.
     transposed_upsample: bool = True
+    # `--precision fp8`: the fp16 network's matmuls on FP8 kernels (`fp8_supported` GPUs only).
+    fp8: bool = False
 
     @classmethod
     def low_vram(cls) -> "RuntimeSettings":
