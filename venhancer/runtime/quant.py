@@ -17,8 +17,6 @@ the tests check them against these functions.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 E4M3_MAX = 448.0
@@ -37,12 +35,8 @@ def fp8_supported(device: torch.device | str) -> bool:
         return False
     if not (hasattr(torch, "float8_e4m3fn") and hasattr(torch, "_scaled_mm")):
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    # not cached: torch caches the device properties itself, and the tests patch this query
+    return torch.cuda.get_device_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
 
 
 def absmax_scale(absmax: torch.Tensor, maximum: float = E4M3_MAX) -> torch.Tensor:
