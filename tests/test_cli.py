@@ -244,6 +244,8 @@ BAD_OPTIONS = [
     (["--cfg", "0.5"], "cfg (guidance scale) must be >= 1, got 0.5"),
     (["--s_cond", "-1"], "s_cond must be >= 0"),
     (["--seed", "-1"], "seed must be in [0, 2**63), got -1"),
+    (["--precision", "fp16", "--dtype", "float32"], "--precision fp16 and --dtype float32 disagree; "
+                                                    "give --precision alone (--dtype is its deprecated old name)"),
 ]
 
 
@@ -649,3 +651,33 @@ def test_case_insensitive_file_systems_are_respected(tmp_path, monkeypatch):
     failed = cli.plan_jobs(request, overwrite=True).failed
     assert [name for name, _ in failed] == ["A.mp4", "a.mov"]
     assert "would overwrite the input" in failed[1][1] and "A.mp4" in failed[1][1]
+
+
+def test_fp8_is_refused_on_the_cpu_in_one_line(tiny_config, clips, tmp_path):
+    proc = run_tool("--config", tiny_config, "--input_path", clips / "with_audio.mp4", "--save_dir", tmp_path / "r",
+                    "--device", "cpu", "--precision", "fp8", *FAST)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["error: --precision fp8 needs a GPU with FP8 tensor cores (compute capability "
+                                        "8.9 or newer, e.g. RTX 40xx, L4, H100); the device is the CPU"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_precision_bf16_runs_on_the_cpu_and_is_recorded(tiny_config, clips, tmp_path, capsys):
+    save = tmp_path / "results"
+    code, log = run_main(capsys, "--config", tiny_config, "--input_path", clips / "with_audio.mp4", "--save_dir", save,
+                         "--device", "cpu", "--precision", "bf16", *FAST)
+    assert code == 0, log
+    assert probe_video(save / "with_audio.mp4").num_frames == 17
+    model = json.loads((save / "with_audio.json").read_text())["model"]
+    assert (model["precision"], model["dtype"]) == ("bf16", "bfloat16")
+    assert "precision bf16: memory plan 'full'" in log and "(cpu, bf16)" in log
+
+
+def test_dtype_still_works_deprecated_and_hidden(clips, caplog):
+    args = cli.build_parser().parse_args(["--input_path", str(clips / "with_audio.mp4"), "--dtype", "bfloat16"])
+    with caplog.at_level(logging.WARNING, logger="venhancer"):
+        assert cli.check_arguments(args).precision == "bf16"
+    assert "--dtype is deprecated: use --precision bf16" in caplog.text
+    args = cli.build_parser().parse_args(["--input_path", str(clips / "with_audio.mp4")])
+    assert cli.check_arguments(args).precision == "auto"
+    assert "--dtype" not in cli.build_parser().format_help()

@@ -3,6 +3,7 @@
 
 On the CPU there is no VRAM: the plan follows the --max_vram_gb number alone (venhancer.memory)."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -219,3 +220,28 @@ def test_usable_gpu_memory_reads_the_current_device_when_none_is_named(monkeypat
     assert pipeline._usable_gpu_gb(torch.device("cuda:1")) == pytest.approx(20.0)
     assert asked == [("mem", 1), ("fraction", 1)]
     assert pipeline._usable_gpu_gb(torch.device("cpu")) is None
+
+
+def test_fp8_applies_on_top_of_every_memory_plan(tiny_config, monkeypatch):
+    """--precision fp8 is the chosen plan's runtime settings plus the FP8 kernels, after a fallback
+    too; the plans themselves stay as they are. (Only the settings are checked here: the kernels
+    need a GPU with FP8 tensor cores.)"""
+    monkeypatch.setattr(pipeline, "fp8_supported", lambda device: True)
+    enhancer = Enhancer(tiny_config, progress=False, precision="fp8", max_vram_gb=18)
+
+    def settings():
+        found = {m.settings for m in enhancer.unet.modules() if hasattr(m, "settings")}
+        assert len(found) == 1
+        return found.pop()
+
+    plan = enhancer.memory_plan
+    assert plan.name == "streamed_sequential" and enhancer.streamer is not None and enhancer.dtype == torch.float16
+    # streamed weights: the FP8 attention only (the FP8 Linears' e4m3 weight copies would stay on the device)
+    assert settings() == dataclasses.replace(plan.inference, fp8=True, fp8_linear=False) and not plan.inference.fp8
+    smaller = next_plan(plan)
+    enhancer._use_plan(smaller)
+    assert settings() == dataclasses.replace(smaller.inference, fp8=True, fp8_linear=False)
+    assert settings().conv_frame_chunk == 4 and enhancer._runtime_settings(PLANS[0]).fp8_linears  # resident weights: both
+    assert not any(p.inference.fp8 for p in PLANS)
+    # the sidecar's plan record lists pass sizes only: fp8 is `model.precision`'s, never misreported there
+    assert "fp8" not in str(plan.to_json()) and "fp8" not in plan.describe()

@@ -166,6 +166,14 @@ def test_bad_device_is_one_line_and_exit_2(tmp_path):
     assert proc.stdout == ""
 
 
+def test_fp8_on_the_cpu_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "venhancer.web", "--device", "cpu", "--precision", "fp8",
+                           "--work_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --precision fp8 needs a GPU") and proc.stderr.count("\n") == 1
+    assert proc.stdout == ""
+
+
 def test_api_plan_and_refusals(server, clips):
     status, body = request(server, "GET", "/api/status")
     assert status == 200 and body["inputs"] == ["not_video.mp4", "pattern.mp4", "with_audio.mp4"]

@@ -5,9 +5,10 @@ absent GPU, out of memory) ends as one log line and a non-zero exit code, never 
 full traceback of an unexpected error is logged at --log_level debug.
 
 A run is a sequence of steps: `check_arguments` (options, videos, prompts; before torch is
-imported, so a typo is reported at once), `_prepare` (config, device, save folder), `_check_videos`
-(`plan_jobs`: each output, never over an input; then every video probed and planned), `_load`
-(every missing weight file asked about before any download), `_run_jobs`, and the summary.
+imported, so a typo is reported at once), `_prepare` (config, device and precision, save folder),
+`_check_videos` (`plan_jobs`: each output, never over an input; then every video probed and
+planned), `_load` (every missing weight file asked about before any download), `_run_jobs`, and
+the summary.
 
 Under torchrun the same command runs on several processes (venhancer.distributed): rank 0 checks
 the inputs and hands out the work, logs at the chosen level and prints the summary; the other
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
 
 from tqdm import tqdm
 
-from venhancer.options import MAX_STEPS, EnhanceOptions, first_line
+from venhancer.options import DTYPE_ALIASES, MAX_STEPS, PRECISIONS, EnhanceOptions, first_line, precision_name
 from venhancer.outputs import (
     check_output_names,
     is_case_insensitive,
@@ -160,8 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="JSON file laid over the packaged configs/venhancer.json (network, weight files, sizes)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="model precision; auto: float16 on CUDA, float32 on CPU")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="network precision (default auto: fp16 on CUDA, as in the reference; fp32 on the CPU, whose "
+                        "half-precision convolutions are slow); fp8: fp16 weights with FP8 kernels, on GPUs of "
+                        "compute capability 8.9+ (RTX 40xx, L4, H100, ...)")
+    # The deprecated old name of --precision (float16 = fp16, ...), hidden from --help.
+    p.add_argument("--dtype", default=None, choices=list(DTYPE_ALIASES), help=argparse.SUPPRESS)
     p.add_argument("--low_vram", action=argparse.BooleanOptionalAction, default=None,
                    help="--low_vram is --max_vram_gb 15 (a 16 GB card); --no-low_vram plans for at least "
                         "21 GB; default: the plan follows --max_vram_gb")
@@ -294,6 +299,7 @@ class Request:
     save_dir: Path
     inputs: list[Path]  # every file the run reads: no output may land on one
     output: Optional["OutputOptions"] = None  # what each run writes (None: the reference's mp4)
+    precision: str = "auto"  # as asked for; the device decides what auto means
 
     @property
     def outputs(self) -> "OutputOptions":
@@ -370,6 +376,9 @@ def check_arguments(args: argparse.Namespace) -> Request:
                              solver_mode=args.solver_mode, steps=args.steps, cfg=args.cfg,
                              s_cond=args.s_cond, seed=args.seed)
     output = output_options(args)  # codec, bit depth, frames, colour fix; the bundled ffmpeg's encoders
+    precision = precision_name(args.precision, args.dtype)
+    if args.dtype is not None:
+        logger.warning("--dtype is deprecated: use --precision %s", precision)
     device = (args.device or "auto").split(":")[0]
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"unsupported device {args.device!r}; use auto, cpu, cuda or cuda:N")
@@ -379,7 +388,8 @@ def check_arguments(args: argparse.Namespace) -> Request:
     prompts = resolve_prompts(videos, args.prompt, args.prompt_path, args.filename_as_prompt)
     inputs = [*videos, *(v.with_suffix(".txt") for v in videos)]
     inputs += [Path(p) for p in (args.prompt_path, args.config, args.model_path) if p]
-    return Request(options, videos, prompts, Path(args.save_dir), [p for p in inputs if p.is_file()], output)
+    return Request(options, videos, prompts, Path(args.save_dir), [p for p in inputs if p.is_file()], output,
+                   precision)
 
 
 def _enhance(args: argparse.Namespace, request: Optional[Request], error: Optional[str], dist: "DistContext") -> int:
@@ -423,7 +433,7 @@ def _prepare(args: argparse.Namespace, request: Optional[Request], error: Option
     """(config, device), or the exit code after one error line; every process agrees."""
     from venhancer.config import load_config
     from venhancer.outputs import prepare_save_dir
-    from venhancer.pipeline import DeviceError, resolve_device, resolve_dtype
+    from venhancer.pipeline import DeviceError, resolve_device, resolve_precision
 
     config = device = None
     if error is None:
@@ -431,7 +441,7 @@ def _prepare(args: argparse.Namespace, request: Optional[Request], error: Option
             config = load_config(args.config)
             if not args.dry_run:
                 device = resolve_device(dist.device_name(args.device))  # under torchrun: cuda:LOCAL_RANK
-                resolve_dtype(args.dtype, device)
+                resolve_precision(request.precision, device)  # fp8 on a GPU without FP8 tensor cores
                 prepare_save_dir(request.save_dir)
         except (ValueError, OSError, DeviceError) as exc:
             error = first_line(exc)
@@ -524,7 +534,7 @@ def _check_videos(args: argparse.Namespace, request: Request, config: Any) -> Ch
     return checked
 
 
-def _load(args: argparse.Namespace, config: Any, device: Any, dist: "DistContext") -> Any:
+def _load(args: argparse.Namespace, precision: str, config: Any, device: Any, dist: "DistContext") -> Any:
     """The Enhancer, or None after one error line; every process agrees."""
     from venhancer.loading import (
         CheckpointError,
@@ -554,7 +564,7 @@ def _load(args: argparse.Namespace, config: Any, device: Any, dist: "DistContext
         try:
             # One process: the network loads while the first video is read and encoded.
             enhancer = Enhancer(config, version=args.version, model_path=args.model_path or None,
-                                device=str(device), dtype=args.dtype, progress=dist.is_main,
+                                device=str(device), precision=precision, progress=dist.is_main,
                                 low_vram=args.low_vram, background_load=not dist.enabled,
                                 max_vram_gb=args.max_vram_gb)
         except load_errors as exc:
@@ -574,7 +584,7 @@ def _run_jobs(args: argparse.Namespace, request: Request, config: Any, device: A
     from venhancer.pipeline import EnhanceError, ModelLoadError
     from venhancer.video_io import VideoError
 
-    enhancer = _load(args, config, device, dist)
+    enhancer = _load(args, request.precision, config, device, dist)
     if enhancer is None:
         return EXIT_FAILED
     # Several processes share out whole videos when each can get one, else each video's windows.

@@ -20,12 +20,32 @@ NOISE_AUG_MAX = 300
 #: The schedule has 1000 timesteps and normal mode spreads `steps` over 900 of them: more steps
 #: only repeat timesteps (and a huge count would build a timestep table of that length).
 MAX_STEPS = 1000
+#: The network's precision (`--precision`); fp8 keeps fp16 weights and runs the optimized
+#: runtime's FP8 kernels, on GPUs with FP8 tensor cores only.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "fp8")
+#: The values of `--dtype`, the flag's deprecated old name, as precisions.
+DTYPE_ALIASES = {"auto": "auto", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def precision_name(precision: str | None = None, dtype: str | None = None) -> str:
+    """The precision asked for by `precision` and by `dtype`, its deprecated old name (None: not
+    given): "auto" when neither is. ValueError for an unknown value, or for the two disagreeing."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if dtype is None:
+        return precision or "auto"
+    if dtype not in DTYPE_ALIASES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_ALIASES)}, got {dtype!r}")
+    if precision is not None and precision != DTYPE_ALIASES[dtype]:
+        raise ValueError(f"--precision {precision} and --dtype {dtype} disagree; "
+                         "give --precision alone (--dtype is its deprecated old name)")
+    return DTYPE_ALIASES[dtype]
 
 
 def finite(name: str, value: Any) -> float:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
@@ -47,7 +47,7 @@ from venhancer.loading import (
 from venhancer.memory import MemoryPlan, WeightStreamer, budget_gb, choose_plan, next_plan, peak_host_gb
 from venhancer.models import VEnhancerUNet
 from venhancer.offload import HostCopy
-from venhancer.options import MAX_UP_SCALE, SOLVER_MODES, EnhanceOptions  # noqa: F401  (this module's API)
+from venhancer.options import MAX_UP_SCALE, SOLVER_MODES, EnhanceOptions, precision_name  # noqa: F401  (this module's API)
 from venhancer.output_formats import OutputOptions, OutputSink
 from venhancer.outputs import (
     check_output_names,
@@ -65,7 +65,7 @@ from venhancer.planning import (
     pad_to_fit,
     target_resolution,
 )
-from venhancer.runtime import optimize_for_inference
+from venhancer.runtime import RuntimeSettings, fp8_supported, optimize_for_inference
 from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
 from venhancer.video_io import Video, VideoInfo, apply_umask, iter_frames, probe_video
 
@@ -187,18 +187,35 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
     return device
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The weights' and activations' dtype of each precision: fp8 keeps the fp16 network and only its
+# kernels change (RuntimeSettings.fp8).
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def resolve_dtype(name: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
-    """`None`/"auto": float16 on CUDA (the reference's precision), float32 elsewhere."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "", "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+def resolve_precision(precision: Optional[str], device: torch.device, dtype: Optional[str | torch.dtype] = None) -> str:
+    """The precision a run uses: fp32, fp16, bf16 or fp8. `None`/"auto": fp16 on CUDA (the
+    reference's precision), fp32 on the CPU, whose half-precision convolutions are slow or missing.
+    `dtype`: the deprecated way to ask (float32, float16, bfloat16, or those torch dtypes).
+    ValueError for an unknown value, precision and dtype disagreeing, or fp8 on a device without
+    FP8 tensor cores."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(map(str, _DTYPE_NAMES))}, got {dtype}")
+        dtype = _DTYPE_NAMES[dtype]
+    name = precision_name(precision, dtype)
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if name == "fp8" and not fp8_supported(device):
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" names no index
+            major, minor = torch.cuda.get_device_capability(index)
+            found = f"cuda:{index} is {torch.cuda.get_device_name(index)} ({major}.{minor})"
+        else:
+            found = "the device is the CPU"
+        raise ValueError("--precision fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer, "
+                         f"e.g. RTX 40xx, L4, H100); {found}")
+    return name
 
 
 def _usable_gpu_gb(device: torch.device) -> float | None:
@@ -269,7 +286,10 @@ class Enhancer:
 
     config: an `EnhancerConfig`, a path to a JSON config, or None for the packaged default.
     version: "v1" (venhancer_paper.pt) or "v2" (venhancer_v2.pt); model_path overrides the checkpoint.
-    device: "auto"/None, "cpu", "cuda", "cuda:N". dtype: None (auto), a torch dtype or its name.
+    device: "auto"/None, "cpu", "cuda", "cuda:N".
+    precision: None/"auto" (fp16 on CUDA, fp32 on the CPU), "fp32", "fp16", "bf16", or "fp8" (fp16
+    weights, FP8 kernels; a ValueError on a device without FP8 tensor cores). dtype: its deprecated
+    old form (a torch dtype or its name).
     progress: show tqdm bars (on a terminal) for encoding, denoising and decoding.
     progress_callback: called as (phase, done, total) where those bars start and advance, phase
     "encode" or "decode" (frames) or "denoise" (solver steps); on the thread running the video.
@@ -294,19 +314,20 @@ class Enhancer:
                  dtype: str | torch.dtype | None = None, progress: bool = True, low_vram: bool | None = None,
                  background_load: bool = False,
                  progress_callback: Optional[Callable[[str, int, int], None]] = None,
-                 max_vram_gb: float | None = None):
+                 max_vram_gb: float | None = None, precision: str | None = None):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.config = config if isinstance(config, EnhancerConfig) else load_config(config)
         self.version = version
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.precision = resolve_precision(precision, self.device, dtype)
+        self.dtype = PRECISION_DTYPES[self.precision]
         self.progress = progress
         self.progress_callback = progress_callback
         self.budget_gb = budget_gb(max_vram_gb, low_vram, _usable_gpu_gb(self.device))
         self.memory_plan: MemoryPlan = choose_plan(self.budget_gb)
         budget = "no GPU memory limit" if self.budget_gb is None else f"{self.budget_gb:.1f} GB GPU budget"
-        logger.info("%s: %s", budget, self.memory_plan.describe())
+        logger.info("%s, precision %s: %s", budget, self.precision, self.memory_plan.describe())
         self.memory_fallbacks: list[dict[str, str]] = []  # plans given up after running out of memory
         self.streamer: WeightStreamer | None = None
         self.sharding: Any = None  # venhancer.distributed.WindowSharding, set by the caller
@@ -341,7 +362,7 @@ class Enhancer:
 
     def _load_network(self) -> VEnhancerUNet:
         start = time.perf_counter()
-        logger.info("loading network %s (%s, %s)", self.unet_path, self.device, str(self.dtype).replace("torch.", ""))
+        logger.info("loading network %s (%s, %s)", self.unet_path, self.device, self.precision)
         # Streamed weights are loaded into host memory: the whole network never visits the GPU,
         # where it would sit beside the VAE encoder's full-resolution frames (the load runs on
         # the worker thread while the frames are encoded).
@@ -349,7 +370,7 @@ class Enhancer:
         unet = load_unet_cached(self.unet_path, config=self.config.unet, device="cpu" if streamed else self.device,
                                 dtype=self.dtype)
         # Same function, faster kernels and a smaller footprint (venhancer.runtime).
-        optimize_for_inference(unet, self.memory_plan.inference)
+        optimize_for_inference(unet, self._runtime_settings(self.memory_plan))
         if streamed:
             self.streamer = WeightStreamer(unet, self.device, prefetch=self.memory_plan.prefetch_units)
             self.streamer.place_resident()
@@ -412,15 +433,27 @@ class Enhancer:
     def share_branch_prefix(self) -> bool:
         return self.memory_plan.shared_branch_prefix
 
+    def _runtime_settings(self, plan: MemoryPlan) -> RuntimeSettings:
+        """The plan's settings, with the FP8 kernels under precision fp8: every memory plan,
+        fallbacks included, runs in the precision asked for. Plans that stream the weights run
+        the FP8 attention but not the FP8 Linears: those hold e4m3 copies of their weights
+        outside the state dict (`DerivedWeight`, on the device), which the `WeightStreamer`
+        neither moves nor counts: they would stay resident beside the streamed weights (or be
+        re-derived at each stream-in), against the plan's memory budget."""
+        if self.precision != "fp8":
+            return plan.inference
+        return replace(plan.inference, fp8=True, fp8_linear=not plan.stream_weights)
+
     def _use_plan(self, plan: MemoryPlan) -> None:
         """Switch to a smaller plan. Plans differ in pass sizes and placement only, never in the
         weights' layout, so the network is reconfigured in place."""
         self.memory_plan = plan
         unet = self.unet
+        settings = self._runtime_settings(plan)
         if self.streamer is not None:
-            self.streamer.reconfigure(lambda model: optimize_for_inference(model, plan.inference))
+            self.streamer.reconfigure(lambda model: optimize_for_inference(model, settings))
         else:
-            optimize_for_inference(unet, plan.inference)
+            optimize_for_inference(unet, settings)
             if plan.stream_weights:
                 self.streamer = WeightStreamer(unet, self.device, prefetch=plan.prefetch_units)
         if plan.vae_offload and self.vae_weights is None and self.device.type == "cuda":
@@ -787,7 +820,8 @@ class Enhancer:
             "settings": asdict(options),
             "seed": options.seed,
             "model": {"version": self.version, "checkpoint": str(self.unet_path),
-                      "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                      "device": str(self.device), "precision": self.precision,
+                      "dtype": str(self.dtype).replace("torch.", ""),
                       "low_vram": self.low_vram, "shared_branch_prefix": self.share_branch_prefix,
                       "background_load": self._worker is not None},
             "memory": {"budget_gb": self.budget_gb, "plan": self.memory_plan.to_json(),

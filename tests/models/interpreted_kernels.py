@@ -17,15 +17,15 @@ from venhancer.models.attention import (
     TemporalTransformer,
     TransformerBlock,
 )
-from venhancer.runtime import InferenceOptions, optimize_for_inference
+from venhancer.runtime import InferenceOptions, optimize_for_inference, quant
 from venhancer.runtime import ops as kernels
 from venhancer.runtime.layers import FastGroupNorm, _group_norm_act
 
 pytestmark = pytest.mark.skipif(not kernels.interpreting() or kernels.triton is None, reason="needs TRITON_INTERPRET=1 and triton")
 # (the package's attributes of these names are the ops themselves, not the modules)
 OP_MODULES = [importlib.import_module(f"venhancer.runtime.ops.{name}")
-              for name in ("bias_add", "common", "flash_attention", "frame_attention", "geglu", "geglu_matmul",
-                           "group_norm", "layer_norm", "linear_add", "matmul")]
+              for name in ("bias_add", "common", "flash_attention", "fp8_attention", "fp8_linear", "frame_attention",
+                           "geglu", "geglu_matmul", "group_norm", "layer_norm", "linear_add", "matmul")]
 
 
 def op_attribute(name: str):
@@ -383,6 +383,116 @@ def test_flash_attention_declines_what_it_cannot_take():
     assert not kernels.flash_attention_supported(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), 2)
 
 
+def _fp8_attention_emulated(q, k, v, heads, fp8_pv=False, qk="int8"):
+    """`kernels.fp8_attention` in float64 torch ops: k less its mean over the sequence, q and k
+    rounded to int8 or e4m3 (`qk`) with the kernel's block scales (`quant`), v per channel to
+    e4m3 with fp8_pv; SDPA on the rounded values (the probabilities themselves are not rounded
+    here)."""
+    block_m, block_n = kernels.FP8_ATTENTION_CONFIG[:2]
+    b, n, inner = q.shape
+    d = inner // heads
+
+    def split(t):  # (b, n, heads*d) -> (b, heads, n, d)
+        return t.double().reshape(b, t.shape[1], heads, d).transpose(1, 2)
+
+    qh, kh, vh = split(q), split(k), split(v)
+    kh = kh - kh.mean(dim=2, keepdim=True)
+    q8, q_scale = quant.quantize_blocks(qh, block_m, qk)
+    k8, k_scale = quant.quantize_blocks(kh, block_n, qk)
+    qh = quant.dequantize(q8, quant.expand_blocks(q_scale, block_m, n), torch.float64)
+    kh = quant.dequantize(k8, quant.expand_blocks(k_scale, block_n, k.shape[1]), torch.float64)
+    if fp8_pv:
+        v_scale = quant.absmax_scale(vh.abs().amax(dim=2, keepdim=True))
+        vh = quant.dequantize(quant.quantize(vh, v_scale), v_scale, torch.float64)
+    o = F.scaled_dot_product_attention(qh, kh, vh)
+    return o.transpose(1, 2).reshape(b, n, inner)
+
+
+@pytest.mark.parametrize("seq_q,seq_k,heads,head_dim", [(300, 300, 2, 64), (70, 200, 1, 32), (1, 5, 2, 16)])
+@pytest.mark.parametrize("fp8_pv", [False, True])
+@pytest.mark.parametrize("qk", ["int8", "e4m3"])
+def test_fp8_attention_matches_its_emulation(seq_q, seq_k, heads, head_dim, fp8_pv, qk):
+    """The kernel computes what its quantisation defines: with fp16 P V exactly the float64
+    emulation up to float32 sums; with P V in e4m3 too, up to the probabilities' rounding. An
+    offset on k (which the mean subtraction removes) and rows of different magnitudes; q and k in
+    int8 or in e4m3."""
+    gen = torch.Generator().manual_seed(seq_q + seq_k + fp8_pv)
+    inner = heads * head_dim
+    if seq_q == seq_k:  # self-attention: the strided views of a fused q/k/v projection
+        q, k, v = (torch.randn(2, seq_q, 3 * inner, generator=gen) * 0.7).chunk(3, dim=-1)
+    else:
+        q = torch.randn(2, seq_q, inner, generator=gen) * 0.7
+        k, v = (torch.randn(2, seq_k, 2 * inner, generator=gen) * 0.7).chunk(2, dim=-1)
+    k = k + 3.0
+    q = q * torch.linspace(0.2, 2, seq_q)[None, :, None]
+    assert kernels.fp8_attention_supported(q, k, v, heads)
+    got = kernels.fp8_attention(q, k, v, heads, fp8_pv=fp8_pv, qk=qk)
+    assert got.shape == q.shape and got.is_contiguous() and got.dtype == q.dtype
+    # fp16 P V: the emulation up to float32 sums (and the rare e4m3 rounding they tip over);
+    # e4m3 P V: its probabilities' rounding, 2.0-2.5% measured (the outputs average out most of
+    # each value, so the rounding errors of P stand out)
+    want = _fp8_attention_emulated(q, k, v, heads, fp8_pv, qk)
+    assert rel_l2(got, want) <= (4e-2 if fp8_pv else 2e-4)
+    # against the exact attention, fp16 P V: e4m3 q, k 2.4-2.5% measured, int8 q, k 0.80-0.93%
+    # (the emulation matched to 3e-7 with int8: its rounding is the kernel's exactly)
+    exact = rel_l2(got, _attention_eager(q, k, v, heads))
+    assert exact <= (5e-2 if fp8_pv else 3e-2 if qk == "e4m3" else 1.5e-2), exact
+
+
+def test_fp8_attention_half_precision():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 200, 3 * 128, generator=gen).half().chunk(3, dim=-1)
+    for fp8_pv in (False, True):
+        for qk in ("int8", "e4m3"):
+            got = kernels.fp8_attention(q, k, v, 2, fp8_pv=fp8_pv, qk=qk)
+            assert got.dtype == torch.float16
+            assert rel_l2(got, _fp8_attention_emulated(q, k, v, 2, fp8_pv, qk)) <= (4e-2 if fp8_pv else 1e-3)
+    from venhancer.runtime.ops.fp8_attention import quantize_attention_inputs
+
+    q8, k8 = quantize_attention_inputs(q, k, v, 2)[:2]
+    assert q8.dtype == k8.dtype == torch.int8  # the default
+    with pytest.raises(ValueError, match="'int4'"):
+        kernels.fp8_attention(q, k, v, 2, qk="int4")
+
+
+def test_fp8_ops_decline_what_they_cannot_take():
+    q = torch.randn(2, 10, 64)
+    assert kernels.fp8_attention_supported(q, q, q, 2)
+    assert not kernels.fp8_attention_supported(q, q, q, 3)  # as flash_attention: 64 not divisible by 3
+    weight = torch.randn(32, 64)
+    assert kernels.fp8_linear_supported(q, weight)
+    assert not kernels.fp8_linear_supported(q, torch.randn(24, 64))  # 24 outputs: not a multiple of 16
+    assert not kernels.fp8_linear_supported(torch.randn(2, 40), torch.randn(32, 40))  # 40 inputs
+
+
+@pytest.mark.parametrize("rows, dim", [(37, 320), (5, 1280), (300, 48)])
+def test_quantize_rows_matches_the_torch_helpers(rows, dim):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, dim, generator=gen) * torch.logspace(-3, 2, rows)[:, None]
+    x[rows // 2] = 0  # a zero row: scale 1, zeros
+    got, scale = kernels.quantize_rows(x)
+    want, want_scale = quant.quantize_rows(x)
+    assert got.dtype == torch.float8_e4m3fn and scale.shape == (rows, 1) and scale.dtype == torch.float32
+    assert torch.equal(got.float(), want.float()) and torch.equal(scale, want_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_linear_matches_the_rounded_product(dtype):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 50, 640, generator=gen).to(dtype)
+    weight = (torch.randn(320, 640, generator=gen) / 25).to(dtype)
+    bias = torch.randn(320, generator=gen).to(dtype)
+    weight_fp8, weight_scale = quant.quantize_weight(weight)
+    got = kernels.fp8_linear(x, weight_fp8, weight_scale, bias)
+    assert got.shape == (3, 50, 320) and got.dtype == dtype
+    x8, x_scale = quant.quantize_rows(x)
+    want = F.linear(quant.dequantize(x8, x_scale, torch.float64), quant.dequantize(weight_fp8, weight_scale.T, torch.float64),
+                    bias.double())
+    assert rel_l2(got, want) <= (1e-6 if dtype == torch.float32 else 2e-3)
+    # e4m3's rounding of both operands: a few percent on random data
+    assert rel_l2(got, F.linear(x.double(), weight.double(), bias.double())) <= 5e-2
+
+
 def count_kernel_calls(monkeypatch, names: list[str]) -> dict[str, int]:
     """Wrap the named `kernels` functions so that each call is counted in the returned dict."""
     calls = dict.fromkeys(names, 0)
@@ -520,6 +630,44 @@ def test_optimized_tiny_model_with_kernels_matches_reference(tiny_model, tiny_ca
     assert rel_l2(out, tiny_case["out"]) <= 1e-4
     assert max_abs(out, tiny_case["out"]) <= 2e-5
     assert all(runs > 1 for runs in kernel_runs.values()), kernel_runs
+
+
+def _fp8_linear_float64(x, weight_fp8, weight_scale, bias=None):
+    x8, x_scale = quant.quantize_rows(x)
+    y = F.linear(quant.dequantize(x8, x_scale, torch.float64), quant.dequantize(weight_fp8, weight_scale.T, torch.float64),
+                 None if bias is None else bias.double())
+    return y.to(x.dtype)
+
+
+def test_optimized_tiny_model_with_fp8_stays_close(tiny_model, tiny_case, monkeypatch):
+    """RuntimeSettings(fp8=True), the tiny model's widths and token counts let into the FP8 ops:
+    every level-0 spatial self-attention on `fp8_attention` (P V in e4m3 too), the Linears of
+    `fp8_linear_wins` on `fp8_linear`; the output stays near the reference."""
+    kernel_runs = kernel_once_per_signature(monkeypatch, {"group_norm": _group_norm_float64,
+                                                          "group_norm_table": _group_norm_table_float64,
+                                                          "layer_norm": _layer_norm_float64,
+                                                          "linear_add": _linear_add_float64,
+                                                          "geglu_matmul": _geglu_matmul_float64,
+                                                          "frame_attention": _frame_attention_float64,
+                                                          "fp8_attention": lambda *a, **k: _fp8_attention_emulated(*a, **k).to(a[0].dtype),
+                                                          "fp8_linear": _fp8_linear_float64})
+    calls = count_kernel_calls(monkeypatch, ["fp8_attention", "fp8_linear", "flash_attention"])
+    patch_op(monkeypatch, "FLASH_ATTENTION_MIN_KEYS", 100)
+    patch_op(monkeypatch, "FP8_LINEAR_MIN_IN_FEATURES", 16)
+    patch_op(monkeypatch, "FP8_LINEAR_MIN_ROWS", 1)
+    settings = InferenceOptions(fp8=True, fp8_pv=True, spatial_chunk_tokens=320, temporal_chunk_tokens=23)
+    model = optimize_for_inference(copy.deepcopy(tiny_model), settings)
+    with torch.no_grad():
+        out = model(*call_args(tiny_case))
+    level0 = sum(isinstance(m, SpatialTransformer) and m.norm.num_channels == 64 for m in model.modules())
+    assert calls["fp8_attention"] >= level0 > 0 and calls["flash_attention"] == 0, calls
+    # q/k/v and output projections of every self-attention, spatial proj_in / proj_out
+    assert calls["fp8_linear"] >= 2 * sum(isinstance(m, Attention) and m.self_attention for m in model.modules()), calls
+    assert kernel_runs["fp8_attention"] >= 1 and kernel_runs["fp8_linear"] > 1, kernel_runs
+    # Measured 8.8e-2, nearly all of it from the e4m3 Linears (torch emulations of the same ops:
+    # attention alone 1.1e-2, the Linears alone 8.9e-2): at the tiny widths every Linear takes
+    # FP8 here, where the real network's `fp8_linear_wins` lets in only 640-wide and wider ones.
+    assert rel_l2(out, tiny_case["out"]) <= 0.12
 
 
 def test_optimized_vae_with_kernels_matches_diffusers(monkeypatch):

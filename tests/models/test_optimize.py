@@ -235,3 +235,13 @@ def test_optimize_sets_transposed_upsample(tiny_model):
     assert ups and all(isinstance(m, FastUpsample) and m.settings.transposed_upsample for m in ups)
     plain = optimize_for_inference(copy.deepcopy(tiny_model), InferenceOptions(transposed_upsample=False))
     assert not any(m.settings.transposed_upsample for m in plain.modules() if isinstance(m, Upsample))
+
+
+def test_fp8_setting_changes_nothing_without_fp8_tensor_cores(tiny_model, tiny_case):
+    """RuntimeSettings(fp8=True) on a device without FP8 support (the CPU): the FP8 ops decline
+    and the output is bit-identical to the default settings' (fp8=False)."""
+    default = optimize_for_inference(copy.deepcopy(tiny_model), RuntimeSettings())
+    fp8 = optimize_for_inference(copy.deepcopy(tiny_model), RuntimeSettings(fp8=True, fp8_pv=True))
+    assert not RuntimeSettings().fp8 and fp8.settings.fp8_linears and fp8.settings.fp8_attention_kernel
+    with torch.no_grad():
+        assert torch.equal(default(*call_args(tiny_case)), fp8(*call_args(tiny_case)))

@@ -2,6 +2,8 @@
 
     python3 -m pytest -q -m gpu tests/runtime/test_gpu.py
 
+The FP8 tests (`-k fp8`, add `-s` for the measured errors) need a GPU with FP8 tensor cores.
+
 Skipped without CUDA. Needs ~45 GB of GPU memory at most (the plain full-size network at the
 seed clip's window: latent 162x240, 31 frames, fp16) and a few minutes on an H200; the Triton
 ops compile on first use (cached on disk by Triton afterwards). Ops that need a Hopper-class GPU
@@ -245,6 +247,122 @@ def test_flash_attention_op(tokens, heads):
         return
     got = ops.flash_attention(q, k, v, heads)
     assert rel_l2(got, _attention_reference(q, k, v, heads)) <= OP_REL_L2
+
+
+# --- the opt-in FP8 path (RuntimeSettings.fp8), on GPUs with FP8 tensor cores ----------------------
+
+# One attention with 8-bit q and k against float32 SDPA, randn inputs (a pessimistic case: the
+# outputs average out most of v, so the rounding of the scores stands out). Issue #29 budgets 3e-2.
+# Bounds: a float64 emulation of the kernel's rounding (q, k block-quantised as `quant` does, k
+# less its mean; P rounded to fp16, or P * 448 and V per channel to e4m3 with fp8_pv) on randn
+# fp16 inputs at the test's shapes, against float64 exact attention, plus a margin:
+#   (q.k, P V)       38,880 tokens x 5 heads   9,720 tokens x 10 heads   (k + 4: within 1e-3)
+#   (int8, fp16)     1.29e-2                   1.29e-2
+#   (int8, e4m3)     3.90e-2                   3.93e-2
+#   (e4m3, fp16)     4.00e-2                   4.02e-2
+#   (e4m3, e4m3)     5.44e-2                   5.47e-2
+# (level 0: 2,048 of the queries, all keys and heads). The e4m3 bounds are above issue #29's
+# budget, which is why int8 is the default (`RuntimeSettings.fp8_qk`).
+FP8_ATTENTION_REL_L2 = {("int8", False): 2.5e-2, ("int8", True): 5e-2, ("e4m3", False): 5e-2, ("e4m3", True): 7e-2}
+# One Linear with both operands in e4m3: ~2.5% RMS rounding per operand element on random data.
+FP8_LINEAR_REL_L2 = 5e-2
+# The whole network, FP8 against the fp16 optimized path: the target of issue #29.
+FP8_FORWARD_REL_L2 = 1e-2
+
+
+def fp8_gpu() -> bool:
+    from venhancer.runtime import fp8_supported
+
+    return fp8_supported("cuda")
+
+
+@pytest.mark.parametrize("qk", ["int8", "e4m3"])
+@pytest.mark.parametrize("fp8_pv", [False, True])
+@pytest.mark.parametrize("tokens, heads", [(38880, 5), (9720, 10)])
+def test_fp8_attention_op(tokens, heads, fp8_pv, qk):
+    """2 frames of the level-0 / level-1 spatial self-attention, q/k/v as the fused projection's views."""
+    from venhancer.runtime import ops
+
+    inner = heads * 64
+    gen = torch.Generator(device="cuda").manual_seed(tokens + fp8_pv)
+    qkv = torch.randn(2, tokens, 3 * inner, device="cuda", generator=gen).half()
+    q, k, v = qkv.chunk(3, dim=-1)
+    assert ops.SUPPORTED["fp8_attention"](q, k, v, heads) == (fp8_gpu() and hopper())
+    if not (fp8_gpu() and hopper()):
+        return
+    got = ops.fp8_attention(q, k, v, heads, fp8_pv=fp8_pv, qk=qk)
+    assert got.shape == q.shape and got.dtype == q.dtype and got.is_contiguous()
+    # the reference on the first frame (float32 SDPA of all heads)
+    want = _attention_reference(q[:1], k[:1], v[:1], heads)
+    error = rel_l2(got[:1], want)
+    flash_error = rel_l2(ops.flash_attention(q[:1], k[:1], v[:1], heads), want)
+    bound = FP8_ATTENTION_REL_L2[qk, fp8_pv]
+    print(f"fp8_attention {tokens} tokens x {heads} heads, qk={qk}, fp8_pv={fp8_pv}: rel L2 {error:.2e} "
+          f"(bound {bound:.1e}; fp16 flash {flash_error:.2e})")
+    assert error <= bound
+    # a common offset on k (softmax ignores it; the kernel subtracts k's mean before rounding)
+    shifted = ops.fp8_attention(q[:1], k[:1] + 4, v[:1], heads, fp8_pv=fp8_pv, qk=qk)
+    assert rel_l2(shifted, want) <= bound
+
+
+@pytest.mark.parametrize("rows, dim, n_out", [(78120, 640, 640), (19530, 1280, 1280), (150_000, 1280, 320)])
+def test_fp8_linear_op(rows, dim, n_out):
+    from venhancer.runtime import ops, quant
+
+    x, weight, bias = _linear_inputs(rows, dim, n_out, seed=rows + dim)
+    assert ops.SUPPORTED["fp8_linear"](x, weight) == fp8_gpu()
+    if not fp8_gpu():
+        return
+    weight_fp8, weight_scale = quant.quantize_weight(weight)
+    got = ops.fp8_linear(x, weight_fp8, weight_scale, bias)
+    assert got.shape == (rows, n_out) and got.dtype == x.dtype
+    assert rel_l2(got, F.linear(x.double(), weight.double(), bias.double())) <= FP8_LINEAR_REL_L2
+    # the kernel's per-row rounding is the torch helpers': exactly the rounded operands' product
+    x8, x_scale = ops.quantize_rows(x)
+    want_x8, want_scale = quant.quantize_rows(x)
+    assert torch.equal(x_scale, want_scale)
+    assert (x8.float() != want_x8.float()).float().mean() < 1e-4  # a division rounded differently, rarely
+    rounded = F.linear(quant.dequantize(x8, x_scale, torch.float64), quant.dequantize(weight_fp8, weight_scale.T, torch.float64),
+                       bias.double())
+    assert rel_l2(got, rounded) <= OP_REL_L2
+
+
+@torch.no_grad()
+def test_fp8_network_stays_near_the_fp16_path_at_the_real_window():
+    """The full-size network (random weights) at latent 162x240 x 31 frames, `forward_branches`
+    with RuntimeSettings(fp8=True) against the fp16 optimized path."""
+    from dataclasses import replace
+
+    from venhancer.runtime import RuntimeSettings, optimize_for_inference
+
+    if not (fp8_gpu() and hopper()):
+        pytest.skip("needs a GPU with FP8 tensor cores and TMA (Hopper-class)")
+    bench = load_bench()
+    model = bench.build_model(torch.float16)
+    x, t, y_c, y_u, common = bench.window_inputs(FRAMES)
+    try:
+        optimize_for_inference(model, RuntimeSettings())
+        fp16 = model.forward_branches(x, t, [y_c, y_u], **common)
+        errors = {}
+        for name, settings in (("fp8", RuntimeSettings(fp8=True)),
+                               ("fp8 attention only", RuntimeSettings(fp8=True, fp8_linear=False)),
+                               ("fp8, e4m3 q.k", RuntimeSettings(fp8=True, fp8_qk="e4m3"))):
+            optimize_for_inference(model, settings)
+            out = model.forward_branches(x, t, [y_c, y_u], **common)
+            assert all(torch.isfinite(o).all() for o in out)
+            errors[name] = max(rel_l2(o, r) for o, r in zip(out, fp16))
+            del out
+        optimize_for_inference(model, replace(RuntimeSettings(), fp8=False))
+        again = model.forward_branches(x, t, [y_c, y_u], **common)
+    finally:
+        del model
+        torch.cuda.empty_cache()
+    print(f"FP8 network against fp16: {errors}")
+    # switching back gives the fp16 path's output again (equal but for a kernel that is not
+    # bit-reproducible)
+    assert all(rel_l2(a, b) <= 1e-4 for a, b in zip(again, fp16))
+    # the default (int8 q.k) variants hold the target; e4m3 q.k is measured for the comparison only
+    assert all(error <= FP8_FORWARD_REL_L2 for name, error in errors.items() if "e4m3" not in name), errors
 
 
 # --- the background-loading path ------------------------------------------------------------------

@@ -21,7 +21,7 @@ def test_interpreter_mode_is_read_at_each_call(monkeypatch):
 
 def test_every_op_family_has_a_support_check():
     assert set(ops.SUPPORTED) == {"group_norm", "layer_norm", "bias_add", "geglu", "geglu_matmul", "linear_add",
-                                  "frame_attention", "flash_attention"}
+                                  "frame_attention", "flash_attention", "fp8_attention", "fp8_linear"}
     assert all(callable(check) for check in ops.SUPPORTED.values())
 
 
@@ -47,3 +47,6 @@ def test_settings_are_immutable_and_checked():
     with pytest.raises(ValueError, match="temporal_chunk_tokens"):
         RuntimeSettings(temporal_chunk_tokens=0)
     assert RuntimeSettings(fused_kernels=False).frame_attention is False
+    assert RuntimeSettings().fp8_qk == "int8" and RuntimeSettings(fp8_qk="e4m3").fp8_qk == "e4m3"
+    with pytest.raises(ValueError, match="'int4'"):
+        RuntimeSettings(fp8_qk="int4")

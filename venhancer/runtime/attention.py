@@ -17,6 +17,8 @@ import venhancer.models.attention as attention_choice
 from venhancer.models.attention import _attend, _backend_for
 
 from . import ops
+from .layers import DerivedWeight
+from .quant import quantize_weight
 
 # Sequences up to this long (the temporal ones, <= 40 frames) run fastest on the memory-efficient
 # kernel, longer ones (spatial) on cuDNN's.
@@ -68,19 +70,49 @@ def takes_flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
             and _backend_for(q.device) == "sdpa" and ops.flash_attention_supported(q, k, v, heads))
 
 
+def takes_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
+    """Whether `ops.fp8_attention` runs this attention (with `RuntimeSettings.fp8`): the
+    conditions of `takes_flash_kernel`, on a GPU with FP8 tensor cores."""
+    return (ops.runs_on(q) and k.shape[1] >= ops.FLASH_ATTENTION_MIN_KEYS
+            and _backend_for(q.device) == "sdpa" and ops.fp8_attention_supported(q, k, v, heads))
+
+
+def fp8_weights(*names: str) -> dict[str, DerivedWeight]:
+    """One lazily made e4m3 copy (`quant.quantize_weight`: per-output-channel scales) per named
+    Linear weight of a layer, held outside its state dict and remade whenever that weight changes."""
+    return {name: DerivedWeight(quantize_weight) for name in names}
+
+
+def fp8_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8_weight: DerivedWeight | None,
+                geglu: bool = False) -> torch.Tensor | None:
+    """x @ weight.T + bias on the FP8 tensor cores (`ops.fp8_linear`, weight quantised through
+    `fp8_weight`) where that takes the tensors and wins at this shape (`ops.fp8_linear_wins`;
+    `geglu`: a GEGLU projection); None otherwise, or when fp8_weight is None (FP8 off)."""
+    if fp8_weight is None or not (ops.fp8_linear_supported(x, weight)
+                                  and ops.fp8_linear_wins(x.numel() // x.shape[-1], weight, geglu)):
+        return None
+    weight_fp8, scale = fp8_weight(weight)
+    return ops.fp8_linear(x, weight_fp8, scale, bias)
+
+
 def linear_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, fused: bool,
-                out: torch.Tensor | None = None, persistent: bool = True) -> torch.Tensor:
+                out: torch.Tensor | None = None, persistent: bool = True,
+                fp8_weight: DerivedWeight | None = None) -> torch.Tensor:
     """residual + x @ weight.T + bias, x's rows matching residual's in order; written into `out`
     (residual's shape and strides) when given, instead of a temporary and a copy.
 
     `fused`: one Triton pass (the sum in the matmul's epilogue) where that beat cuBLAS and a
     separate add: inputs up to `ops.LINEAR_ADD_MAX_DIM` wide, and on Hopper-class GPUs (with
-    `persistent`) the shapes of `ops.persistent_linear_add_wins`."""
-    if (fused and ops.runs_on(x)
+    `persistent`) the shapes of `ops.persistent_linear_add_wins`. `fp8_weight` (FP8 on): the
+    product on the FP8 tensor cores where `fp8_product` takes it, then the add."""
+    y = fp8_product(x, weight, bias, fp8_weight)
+    if (y is None and fused and ops.runs_on(x)
             and (x.shape[-1] <= ops.LINEAR_ADD_MAX_DIM or ops.persistent_linear_add_wins(x, weight, persistent))
             and ops.linear_add_supported(x, weight, residual, out)):
         return ops.linear_add(x, weight, bias, residual, out=out, persistent=persistent)
-    y = F.linear(x, weight, bias).view(residual.shape)
+    if y is None:
+        y = F.linear(x, weight, bias)
+    y = y.view(residual.shape)
     return residual + y if out is None else torch.add(residual, y, out=out)
 
 

@@ -1,6 +1,7 @@
 """How an optimized network runs: one immutable settings object, held by the optimized model and
 read by its fast modules at each call (never process-wide state). Changing a field changes
-speed and peak memory only, never the result beyond float rounding."""
+speed and peak memory only, never the result beyond float rounding, except for the opt-in `fp8`
+(8-bit operands for the heaviest products)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,22 @@ class RuntimeSettings:
     # The decoder's upsampling (nearest x2, crop, 3x3 conv) as one transposed convolution: same
     # sums with the taps that meet one input pixel pre-added, 4/9 of the multiply-adds.
     transposed_upsample: bool = True
+    # Opt-in, with fused_kernels, on GPUs with FP8 tensor cores (`fp8_supported`: compute
+    # capability 8.9+) and only there: the long spatial self-attentions with q and k in 8 bits
+    # (`fp8_qk`; `ops.fp8_attention`, Hopper-class GPUs) and the Linears of `ops.fp8_linear_wins` on
+    # e4m3 operands (`ops.fp8_linear`). Unlike the other fields it changes the result beyond
+    # fp16 rounding: e4m3 keeps 3 mantissa bits.
+    fp8: bool = False
+    # With fp8: which of the two op families take it.
+    fp8_attention: bool = True
+    fp8_linear: bool = True
+    # With fp8 and fp8_attention: the attention's second product (probabilities x values) in e4m3
+    # too, instead of fp16.
+    fp8_pv: bool = False
+    # With fp8 and fp8_attention: the format of the attention's q and k, "int8" (one scale per
+    # 128 rows, SageAttention's choice: 1.4e-2 relative L2 for one randn attention at 38,880
+    # tokens in a float64 emulation) or "e4m3" (4.2e-2 there). Hopper runs both at the same rate.
+    fp8_qk: str = "int8"
 
     @classmethod
     def low_vram(cls) -> "RuntimeSettings":
@@ -71,6 +88,8 @@ class RuntimeSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.fp8_qk not in ("int8", "e4m3"):
+            raise ValueError(f"fp8_qk must be 'int8' or 'e4m3', got {self.fp8_qk!r}")
 
     @property
     def frame_attention(self) -> bool:
@@ -79,6 +98,14 @@ class RuntimeSettings:
     @property
     def flash_attention(self) -> bool:
         return self.fused_kernels and self.flash_attention_kernel
+
+    @property
+    def fp8_attention_kernel(self) -> bool:
+        return self.fused_kernels and self.fp8 and self.fp8_attention
+
+    @property
+    def fp8_linears(self) -> bool:
+        return self.fused_kernels and self.fp8 and self.fp8_linear
 
 
 # The name the pipeline, the benchmarks and the tests have always used.

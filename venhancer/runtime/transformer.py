@@ -22,7 +22,15 @@ from venhancer.models.attention import (
 )
 
 from . import ops
-from .attention import attention_over_frames, linear_plus, takes_flash_kernel, tuned_sdpa
+from .attention import (
+    attention_over_frames,
+    fp8_product,
+    fp8_weights,
+    linear_plus,
+    takes_flash_kernel,
+    takes_fp8_attention,
+    tuned_sdpa,
+)
 from .settings import RuntimeSettings
 
 
@@ -40,7 +48,9 @@ class FastLayerNorm(nn.LayerNorm):
 class FastAttention(Attention):
     """Attention with the output projection's residual sum fused, self-attention's q/k/v from one
     stacked weight (`fuse_projections`; its Linears' weights become views of it), and the
-    Triton frame and flash attention kernels where they take the inputs."""
+    Triton frame and flash attention kernels where they take the inputs; with FP8 on
+    (`RuntimeSettings.fp8`) the FP8 flash attention and the q/k/v and output projections on the
+    FP8 tensor cores where those win."""
 
     settings: RuntimeSettings
 
@@ -49,6 +59,8 @@ class FastAttention(Attention):
         # the checkpoint keys stay to_q/to_k/to_v.
         if "qkv_weight" not in self._buffers:
             self.register_buffer("qkv_weight", None, persistent=False)
+        if not hasattr(self, "fp8_weights"):
+            self.fp8_weights = fp8_weights("qkv", "to_out")
 
     def fuse_projections(self) -> None:
         """Self-attention only: q, k and v from one matmul against the three weights stacked;
@@ -68,18 +80,22 @@ class FastAttention(Attention):
         text context per video serves all its frames), so k/v are projected once per video.
         `frames`: x holds frame-major tokens and self-attention runs along the frame axis
         (`attention_over_frames`). `residual` (x's shape), if given, is added to the output."""
+        settings = self.settings
+        fp8 = self.fp8_weights if settings.fp8_linears else {}
         if context is None and self.qkv_weight is not None:
+            qkv = fp8_product(x, self.qkv_weight, None, fp8.get("qkv"))
             # (B, N, 3*inner) -> three (B, N, inner) views with row stride 3*inner
-            q, k, v = F.linear(x, self.qkv_weight).chunk(3, dim=-1)
+            q, k, v = (F.linear(x, self.qkv_weight) if qkv is None else qkv).chunk(3, dim=-1)
         else:
             q, k, v = self.project(x, context, context_repeats)
-        settings = self.settings
         sdpa = tuned_sdpa if settings.tuned_attention else None
         if (frames is not None and settings.frame_attention and ops.runs_on(q)
                 and ops.frame_attention_supported(q, k, v, self.heads, frames)):
             out = ops.frame_attention(q, k, v, self.heads, frames)
         elif frames is not None:
             out = attention_over_frames(q, k, v, self.heads, frames, sdpa=sdpa)
+        elif settings.fp8_attention_kernel and takes_fp8_attention(q, k, v, self.heads):
+            out = ops.fp8_attention(q, k, v, self.heads, fp8_pv=settings.fp8_pv, qk=settings.fp8_qk)
         elif settings.flash_attention and takes_flash_kernel(q, k, v, self.heads):
             out = ops.flash_attention(q, k, v, self.heads)
         else:
@@ -87,19 +103,27 @@ class FastAttention(Attention):
         if residual is None:
             return self.to_out[0](out)
         return linear_plus(out, self.to_out[0].weight, self.to_out[0].bias, residual, settings.fused_kernels,
-                           persistent=settings.persistent_linear_add)
+                           persistent=settings.persistent_linear_add, fp8_weight=fp8.get("to_out"))
 
 
 
 class FastGEGLU(GEGLU):
     """GEGLU with the gate in the projection's epilogue (`ops.geglu_matmul`) or in one Triton
-    pass after it (`ops.geglu`)."""
+    pass after it (`ops.geglu`, also after an FP8 projection where that wins)."""
 
     settings: RuntimeSettings
+
+    def setup(self) -> None:
+        if not hasattr(self, "fp8_weights"):
+            self.fp8_weights = fp8_weights("proj")
 
     def forward(self, x: torch.Tensor, bias_column: bool = False) -> torch.Tensor:
         """value * gelu(gate); `bias_column` (fused, on a device the kernels take): with the
         columns of `ops.geglu(..., bias_column=True)` appended."""
+        if self.settings.fp8_linears:
+            proj = fp8_product(x, self.proj.weight, self.proj.bias, self.fp8_weights["proj"], geglu=True)
+            if proj is not None:
+                return ops.geglu(proj, bias_column=bias_column)
         if self.settings.fused_kernels and ops.runs_on(x) and ops.geglu_matmul_supported(x, self.proj.weight):
             # Up to 1280-wide inputs: the gate in the projection's epilogue (the 2*hidden-wide
             # projection never goes to memory); wider ones may run faster on cuBLAS.
@@ -124,6 +148,8 @@ class FastFeedForward(FeedForward):
         # bias are views of it (`join_down_bias`); not persistent: the checkpoint keys stay.
         if "down_with_bias" not in self._buffers:
             self.register_buffer("down_with_bias", None, persistent=False)
+        if not hasattr(self, "fp8_weights"):
+            self.fp8_weights = fp8_weights("down")
 
     def join_down_bias(self) -> None:
         """The down-projection's weight and bias become views of one matrix [W | b | 0] (same
@@ -148,7 +174,13 @@ class FastFeedForward(FeedForward):
         geglu, down = self.net[0], self.net[2]
         fused = self.settings.fused_kernels
         joined = self._joined_down_bias() if fused and ops.runs_on(x) else None
-        if residual is not None and out is residual and residual.is_contiguous() and joined is not None:
+        # With FP8 on, the down-projection on the FP8 tensor cores where that wins at its shape
+        # (then the add), instead of the in-place cuBLAS matmul
+        fp8_down = None
+        if self.settings.fp8_linears and ops.fp8_linear_wins(x.numel() // x.shape[-1], down.weight):
+            fp8_down = self.fp8_weights["down"]
+        if (fp8_down is None and residual is not None and out is residual and residual.is_contiguous()
+                and joined is not None):
             # The bias as one more input column and the residual as cuBLAS's accumulator: both
             # sums in the matmul's epilogue, in place.
             hidden = geglu(x, bias_column=True)
@@ -158,7 +190,7 @@ class FastFeedForward(FeedForward):
         if residual is None:
             return down(hidden)
         return linear_plus(hidden, down.weight, down.bias, residual, fused, out=out,
-                           persistent=self.settings.persistent_linear_add)
+                           persistent=self.settings.persistent_linear_add, fp8_weight=fp8_down)
 
 
 
@@ -198,9 +230,14 @@ class FastSpatialTransformer(SpatialTransformer):
     """SpatialTransformer over whole frames of one video at a time, at most `spatial_chunk_tokens`
     tokens (at least one frame): every step is per frame, so the result is the same with a
     fraction of the transient memory. `text_free_start` and `finish` split it around the
-    cross-attention, so that guidance branches can share the start."""
+    cross-attention, so that guidance branches can share the start. With FP8 on, proj_in and
+    proj_out on the FP8 tensor cores where that wins."""
 
     settings: RuntimeSettings
+
+    def setup(self) -> None:
+        if not hasattr(self, "fp8_weights"):
+            self.fp8_weights = fp8_weights("proj_in", "proj_out")
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: ((b f), c, h, w); context: (b, M, context_dim), shared by the f frames of a video."""
@@ -254,7 +291,9 @@ class FastSpatialTransformer(SpatialTransformer):
         bf, c, h, w = x.shape
         tokens = self.norm(x)
         tokens = tokens.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # ((b f), h*w, c)
-        tokens = self.proj_in(tokens)
+        projected = fp8_product(tokens, self.proj_in.weight, self.proj_in.bias,
+                                self.fp8_weights["proj_in"] if self.settings.fp8_linears else None)
+        tokens = self.proj_in(tokens) if projected is None else projected
         block = self.transformer_blocks[0]
         return block.attn1(block.norm1(tokens), residual=tokens)
 
@@ -268,8 +307,9 @@ class FastSpatialTransformer(SpatialTransformer):
             # Channels-last frames are token-major in memory: ((b f), c, h, w) -> ((b f), h*w, c) views
             residual = x.permute(0, 2, 3, 1).view(bf, h * w, c)
             target = None if out is None else out.permute(0, 2, 3, 1).view(bf, h * w, c)
+            fp8_weight = self.fp8_weights["proj_out"] if self.settings.fp8_linears else None
             y = linear_plus(tokens, self.proj_out.weight, self.proj_out.bias, residual, self.settings.fused_kernels,
-                            out=target, persistent=self.settings.persistent_linear_add)
+                            out=target, persistent=self.settings.persistent_linear_add, fp8_weight=fp8_weight)
             return y.view(bf, h, w, c).permute(0, 3, 1, 2)
         tokens = self.proj_out(tokens)
         # ((b f), h*w, c) -> ((b f), c, h, w) as a strided view; the add writes a contiguous result

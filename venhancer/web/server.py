@@ -53,7 +53,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
 # The command line's options that choose the models, copied so that they read and mean the same.
-MODEL_OPTIONS = ("version", "model_path", "config", "device", "dtype", "low_vram", "max_vram_gb", "log_level")
+MODEL_OPTIONS = ("version", "model_path", "config", "device", "precision", "dtype", "low_vram", "max_vram_gb",
+                 "log_level")
 MAX_JSON_BYTES = 1 << 20
 _COPY_CHUNK = 1 << 20
 _ID = re.compile(r"[0-9a-f]{16}")
@@ -660,12 +661,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     from venhancer.config import load_config
-    from venhancer.pipeline import DeviceError, Enhancer, prepare_save_dir, resolve_device, resolve_dtype
+    from venhancer.options import precision_name
+    from venhancer.pipeline import DeviceError, Enhancer, prepare_save_dir, resolve_device, resolve_precision
 
     try:
+        precision = precision_name(args.precision, args.dtype)
         config = load_config(args.config)
         device = resolve_device(args.device)
-        resolve_dtype(args.dtype, device)
+        resolve_precision(precision, device)
         work_dir = Path(args.work_dir).resolve()
         for sub in ("uploads", "results"):
             prepare_save_dir(work_dir / sub)
@@ -680,7 +683,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def load(progress: Callable[[str, int, int], None]) -> Enhancer:
         return Enhancer(config, version=args.version, model_path=args.model_path or None, device=str(device),
-                        dtype=args.dtype, progress=False, low_vram=args.low_vram, progress_callback=progress,
+                        precision=precision, progress=False, low_vram=args.low_vram, progress_callback=progress,
                         max_vram_gb=args.max_vram_gb)
 
     runner = Runner(load)

@@ -8,7 +8,11 @@
 - `geglu_matmul`: the GEGLU projection with its gate in the epilogue (Hopper-class GPUs);
 - `linear_add`: a Linear with bias and residual added in the epilogue;
 - `frame_attention`: temporal self-attention over frame-major tokens;
-- `flash_attention`: the spatial self-attention (Hopper-class GPUs).
+- `flash_attention`: the spatial self-attention (Hopper-class GPUs);
+- `fp8_attention`: the same with the score product (and optionally P V) in FP8 e4m3;
+- `fp8_linear`: a Linear on the FP8 tensor cores (`torch._scaled_mm`), its input quantised per row.
+
+The two FP8 ops run only with `RuntimeSettings.fp8` (opt-in), on GPUs with FP8 tensor cores.
 
 Every op has an eager equivalent in `venhancer.models`; the runtime calls an op only where
 `runs_on` and the op's entry in `SUPPORTED` accept the tensors. The tests run the kernels under
@@ -27,6 +31,15 @@ from .flash_attention import (
     FLASH_ATTENTION_MIN_KEYS,
     flash_attention,
     flash_attention_supported,
+)
+from .fp8_attention import FP8_ATTENTION_CONFIG, fp8_attention, fp8_attention_supported
+from .fp8_linear import (
+    FP8_LINEAR_MIN_IN_FEATURES,
+    FP8_LINEAR_MIN_ROWS,
+    fp8_linear,
+    fp8_linear_supported,
+    fp8_linear_wins,
+    quantize_rows,
 )
 from .frame_attention import (
     FRAME_ATTENTION_CONFIGS,
@@ -53,14 +66,18 @@ SUPPORTED = {
     "linear_add": linear_add_supported,
     "frame_attention": frame_attention_supported,
     "flash_attention": flash_attention_supported,
+    "fp8_attention": fp8_attention_supported,
+    "fp8_linear": fp8_linear_supported,
 }
 
 __all__ = [
-    "BIAS_COLUMNS", "FLASH_ATTENTION_CONFIG", "FLASH_ATTENTION_MIN_KEYS", "FRAME_ATTENTION_CONFIGS",
+    "BIAS_COLUMNS", "FLASH_ATTENTION_CONFIG", "FLASH_ATTENTION_MIN_KEYS", "FP8_ATTENTION_CONFIG",
+    "FP8_LINEAR_MIN_IN_FEATURES", "FP8_LINEAR_MIN_ROWS", "FRAME_ATTENTION_CONFIGS",
     "FRAME_ATTENTION_MAX_FRAMES", "GEGLU_MATMUL_CONFIG", "GEGLU_MATMUL_MAX_DIM", "GROUPS", "HAS_FLATTEN",
     "LINEAR_ADD_MAX_DIM", "SUPPORTED", "TensorDescriptor", "add_supported", "add_with_bias", "flash_attention",
-    "flash_attention_supported", "frame_attention", "frame_attention_supported", "geglu", "geglu_matmul",
+    "flash_attention_supported", "fp8_attention", "fp8_attention_supported", "fp8_linear",
+    "fp8_linear_supported", "fp8_linear_wins", "frame_attention", "frame_attention_supported", "geglu", "geglu_matmul",
     "geglu_matmul_supported", "group_norm", "group_norm_rows", "group_norm_supported", "group_norm_table",
     "has_tma", "interpreting", "layer_norm", "layer_norm_supported", "linear_add", "linear_add_supported",
-    "matmul_supported", "persistent_linear_add_wins", "rows_channels", "runs_on", "triton", "with_bias_column",
+    "matmul_supported", "persistent_linear_add_wins", "quantize_rows", "rows_channels", "runs_on", "triton", "with_bias_column",
 ]

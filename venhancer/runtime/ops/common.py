@@ -83,3 +83,19 @@ def persistent_programs(device: torch.device, tiles: int) -> int:
         return max(1, min(tiles, 4))  # the interpreter: a few programs, each walking several tiles
     index = device.index if device.index is not None else torch.cuda.current_device()
     return max(1, min(tiles, _multiprocessors(index)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def to_e4m3(x, ROUND_IN_FLOAT32: tl.constexpr):
+        # float32 values within +-448 -> e4m3 (tl.float8e4nv), rounded to nearest. Triton's CPU
+        # interpreter (3.8) rounds this cast without carrying into the exponent (126.7 -> 64):
+        # under it (ROUND_IN_FLOAT32) the values are first rounded to the e4m3 grid in float32
+        # (step 2**(exponent - 3), 2**-9 below the normal range), which makes the cast exact.
+        if ROUND_IN_FLOAT32:
+            exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+            step = tl.exp2((tl.maximum(exponent, -6) - 3).to(tl.float32))
+            to_integer = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds to an integer, ties to even
+            x = ((x / step + to_integer) - to_integer) * step
+        return x.to(tl.float8e4nv)

@@ -257,7 +257,7 @@ async function showResult(job) {
       ["input", `${s.input.width}x${s.input.height} @ ${fmt(s.input.fps)} fps, ${s.input.frames} frames`],
       ["prompt", s.prompt],
       ["settings", Object.entries(s.settings).map(([k, v]) => `${k} ${fmt(v)}`).join(", ")],
-      ["model", `${s.model.version} on ${s.model.device} (${s.model.dtype}${s.model.low_vram ? ", low VRAM" : ""})`],
+      ["model", `${s.model.version} on ${s.model.device} (${s.model.precision}${s.model.low_vram ? ", low VRAM" : ""})`],
       ["network evaluations", String(s.plan.network_evals)],
       ["time", `${secs(t.total)} total: read ${secs(t.read)}, encode ${secs(t.encode)}, prompt ${secs(t.text)}, denoise ${secs(t.sample)}, decode + write ${secs(t.decode_write)}`],
     ].concat(t.peak_gpu_memory_reserved_GB ? [["peak GPU memory", `${fmt(t.peak_gpu_memory_reserved_GB)} GB reserved`]] : []));
