@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="network precision (default auto: fp16 on CUDA, as in the reference; fp32 on the CPU, whose "
-                        "half-precision convolutions are slow); fp8: fp16 weights with FP8 kernels, on GPUs of "
-                        "compute capability 8.9+ (RTX 40xx, L4, H100, ...)")
+                        "half-precision convolutions are slow); fp8 (experimental, not yet measured): fp16 weights "
+                        "with 8-bit attention and Linears, on GPUs of compute capability 8.9+ (RTX 40xx, L4, H100)")
     # The deprecated old name of --precision (float16 = fp16, ...), hidden from --help.
     p.add_argument("--dtype", default=None, choices=list(DTYPE_ALIASES), help=argparse.SUPPRESS)
     p.add_argument("--low_vram", action=argparse.BooleanOptionalAction, default=None,

@@ -321,6 +321,9 @@ class Enhancer:
         self.version = version
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device, dtype)
+        if self.precision == "fp8":
+            logger.warning("--precision fp8 is experimental: its 8-bit kernels have passed CPU emulation tests only, "
+                           "not yet a GPU run, and their effect on the output was not measured")
         self.dtype = PRECISION_DTYPES[self.precision]
         self.progress = progress
         self.progress_callback = progress_callback
