@@ -118,7 +118,7 @@ def test_concat_frame_chunk_applies_to_the_skip_concatenations_only(tiny_model, 
         concatenating = {}  # ResBlock -> whether its input is (x, skip)
         for block in model.modules():
             if isinstance(block, ResBlock):
-                block.register_forward_pre_hook(lambda m, args: concatenating.__setitem__(m, isinstance(args[0], tuple)))
+                block.register_forward_pre_hook(lambda m, args: concatenating.__setitem__(m, isinstance(args[0], (tuple, list))))
         passes = {False: [], True: []}  # frames per pass, by input kind
 
         def per_frame(self, x, emb_out):
@@ -146,7 +146,7 @@ def test_low_vram_preset_matches_reference(tiny_model, tiny_case):
     seen = []
     for block in model.modules():
         if isinstance(block, ResBlock):
-            block.register_forward_pre_hook(lambda m, args: seen.append(isinstance(args[0], tuple)))
+            block.register_forward_pre_hook(lambda m, args: seen.append(isinstance(args[0], (tuple, list))))
     calls, upsampled = [], []
     for block in model.modules():
         if isinstance(block, ResBlock):

@@ -290,12 +290,16 @@ class FastVEnhancerUNet(VEnhancerUNet):
         for block in self.output_blocks:
             skip_in = skips.pop()
             # Skips shared with later guidance branches (not `consume`) stay in host memory.
-            skip_in = unpark(skip_in, then=skips[-1] if skips else None, keep=not consume and len(skips) < shared)
+            skip_in = unpark(skip_in, keep=not consume and len(skips) < shared)
             # x comes first in the channel concatenation, which the block's ResBlock forms (per
             # frame chunk when it runs in chunks). A list hands the block the last references.
             inputs = [x, skip_in]
             x = skip_in = None
-            x = block(inputs, state.emb, context, f)
+            x = block(inputs, state.emb, context, f, stop=1)
+            # A parked next skip comes back while the block's later layers run, once its ResBlock
+            # has freed the two tensors it read (at level 0, 40 frames: 3 GB).
+            prefetch(skips[-1] if skips else None)
+            x = block(x, state.emb, context, f, start=1)
         x = self.out(x)
 
         bf, c, h, w = x.shape
