@@ -113,5 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def tiny_network_inputs(config: UNetConfig) -> tuple:
+    """One 5-frame window at latent 10x16 (key frames 0 and 4) for a network of `config`: the
+    arguments of `VEnhancerUNet.forward` after x, as (x, t, y, hint, t_hint, s_cond, mask_cond)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, config.in_dim, 5, 10, 16, generator=g)
+    y = torch.randn(1, 77, config.context_dim, generator=g)
+    hint = torch.randn(1, config.in_dim, 2, 10, 16, generator=g)
+    mask = torch.tensor([[0, -1, -1, -1, 1]])
+    return x, torch.tensor([500]), y, hint, torch.tensor([250]), torch.tensor([8.0]), mask
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from make_tiny_models import make_clip, make_tiny_models
+from make_tiny_models import make_clip, make_tiny_models, tiny_network_inputs
 from test_cli import restore_logging  # noqa: F401  (cli.main configures logging; the fixture undoes it)
 
 import venhancer.pipeline as pipeline
@@ -55,22 +55,12 @@ def _tiny_network(tiny_config):
     return enhancer.unet
 
 
-def _inputs(unet):
-    g = torch.Generator().manual_seed(3)
-    cfg = unet.config
-    x = torch.randn(1, cfg.in_dim, 5, 10, 16, generator=g)
-    y = torch.randn(1, 77, cfg.context_dim, generator=g)
-    hint = torch.randn(1, cfg.in_dim, 2, 10, 16, generator=g)
-    mask = torch.tensor([[0, -1, -1, -1, 1]])
-    return x, torch.tensor([500]), y, hint, torch.tensor([250]), torch.tensor([8.0]), mask
-
-
 def test_streamed_weights_give_the_same_outputs_and_park_between_uses(tiny_config):
     """Units go to the 'device' (a second CPU buffer) when used and back to memory-free NaN
     placeholders after; a weight read while parked would make the output NaN, a wrong offset
     would change it."""
     unet = _tiny_network(tiny_config)
-    x, t, y, hint, t_hint, s_cond, mask = _inputs(unet)
+    x, t, y, hint, t_hint, s_cond, mask = tiny_network_inputs(unet.config)
     with torch.inference_mode():
         single = unet(x, t, y, hint, t_hint, s_cond, mask)
         branches = unet.forward_branches(x, t, [y, -y], hint, t_hint, s_cond, mask)

@@ -1,6 +1,7 @@
 """Skips and ControlNet residuals parked in host memory: the same bits, nothing left behind."""
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from venhancer.runtime import RuntimeSettings, optimize_for_inference
 from venhancer.runtime import parking as parking_module
 from venhancer.runtime.parking import HostParking, Parked, unpark
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TESTS = Path(__file__).resolve().parents[1]
+FIXTURES = TESTS / "fixtures"
+sys.path.insert(0, str(TESTS))  # for make_tiny_models
+from make_tiny_models import tiny_network_inputs  # noqa: E402
 
 
 def _tiny_network(settings: RuntimeSettings) -> VEnhancerUNet:
@@ -24,21 +28,12 @@ def _tiny_network(settings: RuntimeSettings) -> VEnhancerUNet:
     return optimize_for_inference(unet, settings)
 
 
-def _inputs(config: UNetConfig):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, config.in_dim, 5, 10, 16, generator=g)
-    y = torch.randn(1, 77, config.context_dim, generator=g)
-    hint = torch.randn(1, config.in_dim, 2, 10, 16, generator=g)
-    mask = torch.tensor([[0, -1, -1, -1, 1]])
-    return x, torch.tensor([500]), y, hint, torch.tensor([250]), torch.tensor([8.0]), mask
-
-
 def test_parked_activations_give_the_same_bits(monkeypatch):
     """Every skip and residual goes through host memory (counted), comes back once, and the
     outputs of both evaluation orders are bit-identical to the resident run's."""
     for settings in (RuntimeSettings(), RuntimeSettings(fused_kernels=False)):
         unet = _tiny_network(settings)
-        x, t, y, hint, t_hint, s_cond, mask = _inputs(unet.config)
+        x, t, y, hint, t_hint, s_cond, mask = tiny_network_inputs(unet.config)
         with torch.inference_mode():
             single = unet(x, t, y, hint, t_hint, s_cond, mask)
             branches = unet.forward_branches(x, t, [y, -y], hint, t_hint, s_cond, mask)
