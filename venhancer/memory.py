@@ -43,6 +43,11 @@ MIN_PLAN_BUDGET_GB = 6.5
 _ALIGN = 512  # bytes: the CUDA caching allocator's alignment
 
 
+# The RuntimeSettings fields a plan sets: pass sizes and where activations wait.
+_PLACEMENT_FIELDS = ("ff_chunk_tokens", "spatial_chunk_tokens", "temporal_chunk_tokens", "conv_frame_chunk",
+                     "concat_frame_chunk", "park_activations")
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """One way of running a video. `min_budget_gb`: the smallest budget it is chosen for.
@@ -64,9 +69,7 @@ class MemoryPlan:
         return self.inference != InferenceOptions()
 
     def describe(self) -> str:
-        knobs = [f"{name}={getattr(self.inference, name)}" for name in
-                 ("ff_chunk_tokens", "spatial_chunk_tokens", "temporal_chunk_tokens", "conv_frame_chunk",
-                  "concat_frame_chunk", "park_activations")]
+        knobs = [f"{name}={getattr(self.inference, name)}" for name in _PLACEMENT_FIELDS]
         return (f"memory plan {self.name!r} (for >= {self.min_budget_gb:g} GB; seed clip est. "
                 f"{self.est_peak_gb:g} GB GPU, {self.est_host_gb:g} GB host): "
                 f"branches {'shared prefix' if self.shared_branch_prefix else 'sequential'}, "
@@ -78,9 +81,7 @@ class MemoryPlan:
                 "est_host_gb": self.est_host_gb, "shared_branch_prefix": self.shared_branch_prefix,
                 "vae_offload": self.vae_offload, "stream_weights": self.stream_weights,
                 "inference": {name: getattr(self.inference, name) for name in
-                              ("ff_chunk_tokens", "spatial_chunk_tokens", "temporal_chunk_tokens",
-                               "conv_frame_chunk", "concat_frame_chunk", "share_self_attention",
-                               "park_activations")}}
+                              (*_PLACEMENT_FIELDS, "share_self_attention")}}
 
 
 _SMALLEST = InferenceOptions(ff_chunk_tokens=2**15, spatial_chunk_tokens=40_000, temporal_chunk_tokens=2**16,

@@ -43,7 +43,7 @@ class HostParking:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
-        self.bytes_out = 0  # bytes copied to the host (the benchmarks report traffic)
+        self.bytes_out = 0  # bytes copied to the host so far
 
     def park(self, tensor: torch.Tensor) -> Parked:
         """Start copying `tensor` to host memory; the caller drops its own reference."""
