@@ -72,12 +72,12 @@ FP8_ATTENTION_VARIANTS = {"int8_pv16": ("int8", False), "int8_pv8": ("int8", Tru
                           "e4m3_pv16": ("e4m3", False), "e4m3_pv8": ("e4m3", True)}
 NETWORK_VARIANTS = {
     "fp16": RuntimeSettings(),
-    "attn8": RuntimeSettings(fp8=True, fp8_linear=False),  # int8 q.k, fp16 P V
-    "attn8_linear8": RuntimeSettings(fp8=True),  # the same + FP8 Linears
-    "attn8_pv8": RuntimeSettings(fp8=True, fp8_linear=False, fp8_pv=True),
-    "attn8_e4m3": RuntimeSettings(fp8=True, fp8_linear=False, fp8_qk="e4m3"),
-    "attn8_e4m3_linear8": RuntimeSettings(fp8=True, fp8_qk="e4m3"),
-    "linear8": RuntimeSettings(fp8=True, fp8_attention=False),
+    "attn8": RuntimeSettings(fp8=True),  # int8 q.k, fp16 P V (--precision fp8)
+    "attn8_linear8": RuntimeSettings(fp8=True, fp8_linear=True),  # the same + FP8 Linears
+    "attn8_pv8": RuntimeSettings(fp8=True, fp8_pv=True),
+    "attn8_e4m3": RuntimeSettings(fp8=True, fp8_qk="e4m3"),
+    "attn8_e4m3_linear8": RuntimeSettings(fp8=True, fp8_qk="e4m3", fp8_linear=True),
+    "linear8": RuntimeSettings(fp8=True, fp8_attention=False, fp8_linear=True),
 }
 # Three evaluations each at 31 frames (~5 s apiece expected on an H200): what fits the probe's
 # few minutes.
@@ -326,6 +326,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed calls per op measurement (median)")
     parser.add_argument("--input_std", type=float, default=1.0, help="standard deviation of the attention's q/k/v")
     parser.add_argument("--skip_ops", action="store_true", help="only the network part")
+    parser.add_argument("--skip_linears", action="store_true", help="no linear table")
     parser.add_argument("--network", action="store_true", help="also the full-size network's forward_branches")
     parser.add_argument("--frames", type=int, default=31)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_NETWORK_VARIANTS, choices=list(NETWORK_VARIANTS),
@@ -363,6 +364,8 @@ def main(argv=None) -> int:
 
     parts = [] if args.skip_ops else [("attention", lambda: probe_attention(args, res["failures"])),
                                       ("linears", lambda: probe_linears(args, res["failures"]))]
+    if args.skip_linears:
+        parts = [part for part in parts if part[0] != "linears"]
     if args.network:
         res["network"] = {}
         parts.append(("network", lambda: probe_network(args, res["failures"], res["network"])))

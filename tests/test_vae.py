@@ -369,3 +369,50 @@ def test_transposed_upsampler_matches_diffusers_upsample2d():
         assert float((out - ref).abs().max()) <= 1e-12
         # an explicit output size still goes through diffusers' path
         assert holder[0](x, output_size=(11, 15)).shape == (2, 5, 11, 15)
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+@pytest.mark.parametrize("frame_chunk", [1, 2])
+def test_decoder_frame_chunks_give_the_same_frames(tiny_vae_widening, optimized, frame_chunk):
+    """The smallest memory plan's decode: the decoder's spatial resnet blocks a few frames at a
+    time (stock or optimized blocks) give the whole-window decode, and None restores the blocks."""
+    import copy
+    import weakref
+
+    from diffusers.models.resnet import SpatioTemporalResBlock
+
+    from venhancer.vae import optimize_vae, set_decoder_frame_chunk
+
+    vae = copy.deepcopy(tiny_vae_widening)
+    if optimized:
+        optimize_vae(vae)
+    spatial = [m.spatial_res_block for m in vae.decoder.modules() if isinstance(m, SpatioTemporalResBlock)]
+    classes = [type(b) for b in spatial]
+    z = torch.randn(5, 4, 6, 10, generator=torch.Generator().manual_seed(3))
+    calls = []
+    with torch.no_grad():
+        whole = vae.decode(z, num_frames=5).sample
+        set_decoder_frame_chunk(vae, frame_chunk)
+        assert all(type(b).__name__ == "_FrameChunkedResnetBlock2D" for b in spatial)
+        assert type(vae.decoder).__name__ == "_LeanTemporalDecoder"
+        hook = spatial[-1].norm1.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+        # each spatio-temporal block's input is gone by the time its temporal part starts
+        inputs, alive = [], []
+        blocks = [m for m in vae.decoder.up_blocks.modules() if isinstance(m, SpatioTemporalResBlock)]
+        hooks = [hook] + [b.spatial_res_block.register_forward_pre_hook(
+            lambda module, args: inputs.append(weakref.ref(args[0]))) for b in blocks]
+        hooks += [b.temporal_res_block.norm1.register_forward_pre_hook(
+            lambda module, args: alive.append(inputs[-1]() is not None)) for b in blocks]
+        chunked = vae.decode(z, num_frames=5).sample
+        for h in hooks:
+            h.remove()
+        assert len(alive) == len(blocks) and not any(alive)
+        set_decoder_frame_chunk(vae, None)
+        again = vae.decode(z, num_frames=5).sample
+    assert calls == [frame_chunk] * (5 // frame_chunk) + ([5 % frame_chunk] if 5 % frame_chunk else [])
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert [type(b) for b in spatial] == classes and torch.equal(again, whole)
+    assert type(vae.decoder).__name__ == "TemporalDecoder"
+    assert list(vae.state_dict()) == list(tiny_vae_widening.state_dict())
+    with pytest.raises(ValueError, match="frame_chunk must be a positive integer or None, got 0"):
+        set_decoder_frame_chunk(vae, 0)

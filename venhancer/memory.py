@@ -63,6 +63,9 @@ class MemoryPlan:
     vae_offload: bool = False  # the VAE in host memory while denoising
     stream_weights: bool = False  # `WeightStreamer`
     prefetch_units: int = 2  # units copied ahead of use when streaming
+    # The VAE decoder's spatial resnet blocks this many frames at a time (None: the whole window;
+    # `runtime.vae.set_decoder_frame_chunk`).
+    decode_frame_chunk: Optional[int] = None
 
     @property
     def small_passes(self) -> bool:
@@ -74,12 +77,14 @@ class MemoryPlan:
                 f"{self.est_peak_gb:g} GB GPU, {self.est_host_gb:g} GB host): "
                 f"branches {'shared prefix' if self.shared_branch_prefix else 'sequential'}, "
                 f"weights {'streamed' if self.stream_weights else 'resident'}, "
-                f"VAE {'offloaded' if self.vae_offload else 'resident'} while denoising, {', '.join(knobs)}")
+                f"VAE {'offloaded' if self.vae_offload else 'resident'} while denoising, {', '.join(knobs)}"
+                + (f", decoder frames {self.decode_frame_chunk} at a time" if self.decode_frame_chunk else ""))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "min_budget_gb": self.min_budget_gb, "est_peak_gb": self.est_peak_gb,
                 "est_host_gb": self.est_host_gb, "shared_branch_prefix": self.shared_branch_prefix,
                 "vae_offload": self.vae_offload, "stream_weights": self.stream_weights,
+                "decode_frame_chunk": self.decode_frame_chunk,
                 "inference": {name: getattr(self.inference, name) for name in
                               (*_PLACEMENT_FIELDS, "share_self_attention")}}
 
@@ -94,6 +99,9 @@ _SMALLEST = InferenceOptions(ff_chunk_tokens=2**15, spatial_chunk_tokens=40_000,
 #   small_passes_streamed, 15 GB cap:       13.6 / 8.0 GB (it ran out of memory under an 11 GB cap)
 #   parked_streamed, 11 GB cap:             11.0 / 16.9 GB (the allocator fills what the cap allows;
 #                                           one 40-frame window allocates 5.9 GB at most, stream_check.py)
+#   parked_streamed, 7 GB cap:              7.0 / 17.0 GB (2026-12-03, pipeline_caps_h200_2026-12-03.json),
+#                                           after its decode took one frame per spatial resnet pass: the
+#                                           last 7-frame window of a tile ran out of memory before
 # "streamed_sequential" is unmeasured end to end: the sequential branches' peak less the weights.
 # Parking cost no time on one window (40 frames: 6.03 s parked, 6.04 s resident, same bits), so no
 # plan runs the smallest passes without it.
@@ -104,8 +112,8 @@ PLANS: tuple[MemoryPlan, ...] = (
                stream_weights=True),
     MemoryPlan("small_passes_streamed", 14.0, 13.6, 8.0, InferenceOptions.low_vram(), shared_branch_prefix=False,
                vae_offload=True, stream_weights=True),
-    MemoryPlan("parked_streamed", MIN_PLAN_BUDGET_GB, 11.0, 16.9, _SMALLEST, shared_branch_prefix=False,
-               vae_offload=True, stream_weights=True),
+    MemoryPlan("parked_streamed", MIN_PLAN_BUDGET_GB, 7.0, 17.0, _SMALLEST, shared_branch_prefix=False,
+               vae_offload=True, stream_weights=True, decode_frame_chunk=1),
 )
 PLAN_NAMES = tuple(plan.name for plan in PLANS)
 

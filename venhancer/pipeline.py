@@ -66,7 +66,14 @@ from venhancer.planning import (
     target_resolution,
 )
 from venhancer.runtime import RuntimeSettings, fp8_supported, optimize_for_inference
-from venhancer.vae import decode_tiled, encode_frames, expand_latents, load_vae, optimize_vae
+from venhancer.vae import (
+    decode_tiled,
+    encode_frames,
+    expand_latents,
+    load_vae,
+    optimize_vae,
+    set_decoder_frame_chunk,
+)
 from venhancer.video_io import Video, VideoInfo, apply_umask, iter_frames, probe_video
 
 logger = logging.getLogger(__name__)
@@ -437,15 +444,13 @@ class Enhancer:
         return self.memory_plan.shared_branch_prefix
 
     def _runtime_settings(self, plan: MemoryPlan) -> RuntimeSettings:
-        """The plan's settings, with the FP8 kernels under precision fp8: every memory plan,
-        fallbacks included, runs in the precision asked for. Plans that stream the weights run
-        the FP8 attention but not the FP8 Linears: those hold e4m3 copies of their weights
-        outside the state dict (`DerivedWeight`, on the device), which the `WeightStreamer`
-        neither moves nor counts: they would stay resident beside the streamed weights (or be
-        re-derived at each stream-in), against the plan's memory budget."""
+        """The plan's settings, with the 8-bit attention under precision fp8: every memory plan,
+        fallbacks included, runs in the precision asked for. (The FP8 Linears, off by default,
+        stay off: they hold e4m3 copies of their weights outside the state dict, which the
+        `WeightStreamer` would neither move nor count.)"""
         if self.precision != "fp8":
             return plan.inference
-        return replace(plan.inference, fp8=True, fp8_linear=not plan.stream_weights)
+        return replace(plan.inference, fp8=True)
 
     def _use_plan(self, plan: MemoryPlan) -> None:
         """Switch to a smaller plan. Plans differ in pass sizes and placement only, never in the
@@ -577,6 +582,7 @@ class Enhancer:
                                                                    overwrite=not keep_existing)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
+                logger.info("%s: %s", path.name, str(exc).splitlines()[0] if str(exc) else "out of memory")
                 torch.cuda.empty_cache()
             size = f" ({plan.width}x{plan.height}, {plan.out_frames} frames)" if plan is not None else ""
             where = f"on process {exc.rank}" if isinstance(exc, PeerOutOfMemory) else f"while {phase}"
@@ -788,6 +794,7 @@ class Enhancer:
                 self._bar(plan.out_frames, "decode") as bar:
             pending: Future | None = None
             done = 0
+            set_decoder_frame_chunk(self.vae, self.memory_plan.decode_frame_chunk)
             for chunk in decode_tiled(self.vae, x0, tile=planning.vae_tile, tile_overlap=planning.vae_tile_overlap,
                                       frame_window=planning.vae_frame_window,
                                       frame_overlap=planning.vae_frame_overlap, to_cpu=False):

@@ -27,7 +27,10 @@ from venhancer.planning import (
     vae_frame_windows,
     vae_tile_windows,
 )
-from venhancer.runtime.vae import optimize_vae  # noqa: F401  (the VAE's loader and its optimizer, one import)
+from venhancer.runtime.vae import (  # noqa: F401  (the VAE's loader and its runtime, one import)
+    optimize_vae,
+    set_decoder_frame_chunk,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -345,7 +345,7 @@ def test_fp8_network_stays_near_the_fp16_path_at_the_real_window():
         fp16 = model.forward_branches(x, t, [y_c, y_u], **common)
         errors = {}
         for name, settings in (("fp8", RuntimeSettings(fp8=True)),
-                               ("fp8 attention only", RuntimeSettings(fp8=True, fp8_linear=False)),
+                               ("fp8 + FP8 Linears", RuntimeSettings(fp8=True, fp8_linear=True)),
                                ("fp8, e4m3 q.k", RuntimeSettings(fp8=True, fp8_qk="e4m3"))):
             optimize_for_inference(model, settings)
             out = model.forward_branches(x, t, [y_c, y_u], **common)
@@ -361,8 +361,9 @@ def test_fp8_network_stays_near_the_fp16_path_at_the_real_window():
     # switching back gives the fp16 path's output again (equal but for a kernel that is not
     # bit-reproducible)
     assert all(rel_l2(a, b) <= 1e-4 for a, b in zip(again, fp16))
-    # the default (int8 q.k) variants hold the target; e4m3 q.k is measured for the comparison only
-    assert all(error <= FP8_FORWARD_REL_L2 for name, error in errors.items() if "e4m3" not in name), errors
+    # --precision fp8 (int8 q.k, fp16 P V, no FP8 Linears: 2.3e-3 on an H200) holds the target; the
+    # FP8 Linears (3.5e-2 there) and e4m3 q.k are measured for the comparison only
+    assert errors["fp8"] <= FP8_FORWARD_REL_L2, errors
 
 
 # --- the background-loading path ------------------------------------------------------------------

@@ -62,13 +62,16 @@ class RuntimeSettings:
     transposed_upsample: bool = True
     # Opt-in, with fused_kernels, on GPUs with FP8 tensor cores (`fp8_supported`: compute
     # capability 8.9+) and only there: the long spatial self-attentions with q and k in 8 bits
-    # (`fp8_qk`; `ops.fp8_attention`, Hopper-class GPUs) and the Linears of `ops.fp8_linear_wins` on
-    # e4m3 operands (`ops.fp8_linear`). Unlike the other fields it changes the result beyond
-    # fp16 rounding: e4m3 keeps 3 mantissa bits.
+    # (`fp8_qk`; `ops.fp8_attention`, Hopper-class GPUs) and, with fp8_linear, the Linears of
+    # `ops.fp8_linear_wins` on e4m3 operands (`ops.fp8_linear`). Unlike the other fields it
+    # changes the result beyond fp16 rounding.
     fp8: bool = False
-    # With fp8: which of the two op families take it.
+    # With fp8: which of the two op families take it. The FP8 Linears are off by default: on an
+    # H200 each was slower than fp16 or even with it once its activations are quantised (0.58-1.03x
+    # at the network's shapes) and they moved a window's output 3.5e-2 (relative L2) from the
+    # fp16 path (docs/performance.md, "The 8-bit path").
     fp8_attention: bool = True
-    fp8_linear: bool = True
+    fp8_linear: bool = False
     # With fp8 and fp8_attention: the attention's second product (probabilities x values) in e4m3
     # too, instead of fp16.
     fp8_pv: bool = False

@@ -4,10 +4,13 @@ GroupNorms on the Triton kernel, its wide attention heads on `wide_head_attentio
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLTemporalDecoder
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
 from diffusers.models.resnet import ResnetBlock2D, SpatioTemporalResBlock, TemporalResnetBlock
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
@@ -50,7 +53,8 @@ class _FusedResnetBlock2D(ResnetBlock2D):
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         if temb is not None or args or kwargs:
-            return super().forward(input_tensor, temb, *args, **kwargs)
+            # named, not super(): `_FrameChunkedResnetBlock2D` calls this forward on its instances
+            return ResnetBlock2D.forward(self, input_tensor, temb, *args, **kwargs)
         return _folded_resnet_forward(self, input_tensor)
 
 
@@ -71,24 +75,127 @@ class _FusedSpatioTemporalResBlock(SpatioTemporalResBlock):
                 image_only_indicator: torch.Tensor | None = None) -> torch.Tensor:
         if temb is not None:
             return super().forward(hidden_states, temb, image_only_indicator)
-        num_frames = image_only_indicator.shape[-1]
-        spatial = self.spatial_res_block(hidden_states, None)
-        batch_frames, channels, height, width = spatial.shape
-        # ((b f), c, h, w) -> (b, c, f, h, w): a view when `spatial` is channels-last
-        video = spatial.reshape(batch_frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
-        alpha = self.time_mixer.get_alpha(image_only_indicator, video.ndim)
-        if self.time_mixer.switch_spatial_to_temporal_mix:
-            alpha = 1.0 - alpha
-        temporal_block = self.temporal_res_block
-        if type(temporal_block) is _FusedTemporalResnetBlock and temporal_block.conv_shortcut is None and alpha.numel() == 1:
-            # alpha * video + (1 - alpha) * (video + h + bias) = video + (1 - alpha) * (h + bias):
-            # the temporal block's residual sum and the mix in one pass.
-            h = _folded_resnet_branch(temporal_block, video)
-            mixed = add_with_channel_bias(video, h, temporal_block.conv2.bias, scale=(1.0 - alpha.float()).reshape(1))
-        else:
-            temporal = temporal_block(video, None)
-            mixed = torch.lerp(temporal, video, alpha.to(video.dtype))  # alpha * video + (1 - alpha) * temporal
+        return _temporal_and_mix(self, self.spatial_res_block(hidden_states, None), image_only_indicator)
+
+
+def _temporal_and_mix(block: SpatioTemporalResBlock, spatial: torch.Tensor,
+                      image_only_indicator: torch.Tensor) -> torch.Tensor:
+    """The rest of a SpatioTemporalResBlock (no time embedding) after its spatial resnet block:
+    the temporal block and the mix, folded as `_FusedSpatioTemporalResBlock` does for that class,
+    as diffusers' forward does for the stock one."""
+    num_frames = image_only_indicator.shape[-1]
+    batch_frames, channels, height, width = spatial.shape
+    # ((b f), c, h, w) -> (b, c, f, h, w): a view when `spatial` is channels-last
+    video = spatial.reshape(batch_frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+    if type(block) is not _FusedSpatioTemporalResBlock:
+        mixed = block.time_mixer(x_spatial=video, x_temporal=block.temporal_res_block(video, None),
+                                 image_only_indicator=image_only_indicator)
         return mixed.permute(0, 2, 1, 3, 4).reshape(batch_frames, channels, height, width)
+    alpha = block.time_mixer.get_alpha(image_only_indicator, video.ndim)
+    if block.time_mixer.switch_spatial_to_temporal_mix:
+        alpha = 1.0 - alpha
+    temporal_block = block.temporal_res_block
+    if type(temporal_block) is _FusedTemporalResnetBlock and temporal_block.conv_shortcut is None and alpha.numel() == 1:
+        # alpha * video + (1 - alpha) * (video + h + bias) = video + (1 - alpha) * (h + bias):
+        # the temporal block's residual sum and the mix in one pass.
+        h = _folded_resnet_branch(temporal_block, video)
+        mixed = add_with_channel_bias(video, h, temporal_block.conv2.bias, scale=(1.0 - alpha.float()).reshape(1))
+    else:
+        temporal = temporal_block(video, None)
+        mixed = torch.lerp(temporal, video, alpha.to(video.dtype))  # alpha * video + (1 - alpha) * temporal
+    return mixed.permute(0, 2, 1, 3, 4).reshape(batch_frames, channels, height, width)
+
+
+class _LeanTemporalDecoder(TemporalDecoder):
+    """diffusers' TemporalDecoder (inference) whose up blocks' spatio-temporal resnet blocks let
+    go of their input once their spatial part has run (`set_decoder_frame_chunk`): the input
+    waits in a list the block empties, not in the loop's variable. The first block of the last
+    up block takes the upsampled 256-channel full-resolution frames (2.1 GB for the seven frames
+    of a last window of one 72x128 tile), which need not outlive its spatial part."""
+
+    def forward(self, sample: torch.Tensor, image_only_indicator: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(sample, image_only_indicator, num_frames)
+        sample = self.conv_in(sample)
+        upscale_dtype = next(itertools.chain(self.up_blocks.parameters(), self.up_blocks.buffers())).dtype
+        sample = self.mid_block(sample, image_only_indicator=image_only_indicator).to(upscale_dtype)
+        for up_block in self.up_blocks:
+            for resnet in up_block.resnets:
+                held = [sample]
+                del sample
+                sample = _spatio_temporal_emptying(resnet, held, image_only_indicator)
+            for upsampler in up_block.upsamplers or ():
+                sample = upsampler(sample)
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+        batch_frames, channels, height, width = sample.shape
+        # ((b f), c, h, w) -> (b, c, f, h, w) for the closing temporal convolution, and back
+        video = sample.reshape(batch_frames // num_frames, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+        video = self.time_conv_out(video)
+        return video.permute(0, 2, 1, 3, 4).reshape(batch_frames, channels, height, width)
+
+
+def _spatio_temporal_emptying(block: SpatioTemporalResBlock, held: list[torch.Tensor],
+                              image_only_indicator: torch.Tensor) -> torch.Tensor:
+    """`block` on held's one tensor, which is taken out of the list and released after the
+    spatial resnet block (the caller keeps no other reference)."""
+    x = held.pop()
+    spatial = block.spatial_res_block(x, None)
+    del x
+    return _temporal_and_mix(block, spatial, image_only_indicator)
+
+
+class _FrameChunkedResnetBlock2D(ResnetBlock2D):
+    """A decoder's spatial ResnetBlock2D over ((b f), c, h, w) in pieces of `frame_chunk` frames
+    (`set_decoder_frame_chunk`), each through the block's own forward (`_unchunked_class`, fused or
+    not). Its GroupNorms and convolutions treat every frame alone, so the pieces compute each
+    frame's sums as the whole batch does; only the pieces' temporaries are smaller (cuDNN may pick
+    another algorithm for fewer frames, so the last bits may differ)."""
+
+    frame_chunk: int
+    _unchunked_class: type
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        forward = self._unchunked_class.forward
+        frames = input_tensor.shape[0]
+        if temb is not None or args or kwargs or frames <= self.frame_chunk:
+            return forward(self, input_tensor, temb, *args, **kwargs)
+        first = forward(self, input_tensor[: self.frame_chunk], None)
+        layout = (torch.channels_last if first.is_contiguous(memory_format=torch.channels_last)
+                  and not first.is_contiguous() else torch.contiguous_format)
+        out = torch.empty((frames, *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=layout)
+        out[: self.frame_chunk] = first
+        del first
+        for start in range(self.frame_chunk, frames, self.frame_chunk):
+            out[start : start + self.frame_chunk] = forward(self, input_tensor[start : start + self.frame_chunk], None)
+        return out
+
+
+def set_decoder_frame_chunk(vae: AutoencoderKLTemporalDecoder, frame_chunk: int | None) -> None:
+    """The decoder's smallest-memory way, in place and reversibly (None: diffusers' own): its
+    spatial resnet blocks `frame_chunk` frames at a time (`_FrameChunkedResnetBlock2D`) and each
+    spatio-temporal block's input released after its spatial part (`_LeanTemporalDecoder`). The
+    largest activations of a decode are a window's frames (5, the last up to 7) of one 576x1024
+    tile at 256 and 128 channels, 0.3 GB per frame at 256."""
+    if frame_chunk is not None and (isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int)
+                                    or frame_chunk <= 0):
+        raise ValueError(f"frame_chunk must be a positive integer or None, got {frame_chunk!r}")
+    decoder = vae.decoder
+    if type(decoder) in (TemporalDecoder, _LeanTemporalDecoder):
+        decoder.__class__ = TemporalDecoder if frame_chunk is None else _LeanTemporalDecoder
+    for module in decoder.modules():
+        if not isinstance(module, SpatioTemporalResBlock):
+            continue
+        block = module.spatial_res_block
+        if type(block) is _FrameChunkedResnetBlock2D:
+            if frame_chunk is None:
+                block.__class__ = block._unchunked_class
+                del block._unchunked_class, block.frame_chunk
+            else:
+                block.frame_chunk = frame_chunk
+        elif frame_chunk is not None:
+            block._unchunked_class = type(block)
+            block.frame_chunk = frame_chunk
+            block.__class__ = _FrameChunkedResnetBlock2D
 
 
 class _TransposedUpsample2D(Upsample2D):

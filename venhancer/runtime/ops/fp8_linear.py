@@ -4,8 +4,9 @@ pass: one read of x, e4m3 values and one float32 scale per row written), the pro
 `torch._scaled_mm` (cuBLASLt) with both row-wise scales and the bias in its epilogue.
 
 The quantisation pass costs about a read of x and a write of half of it, which the faster
-product must pay back: the runtime uses the op only for the shapes of `fp8_linear_wins`
-(RuntimeSettings.fp8). Falls back (`fp8_linear_supported` false): F.linear / the fused kernels.
+product must pay back, and on an H200 it did not (see FP8_LINEAR_MIN_IN_FEATURES): the runtime
+uses the op only with RuntimeSettings.fp8_linear (off by default), for the shapes of
+`fp8_linear_wins`. Falls back (`fp8_linear_supported` false): F.linear / the fused kernels.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ if triton is not None:
 
 # Elements per program of `quantize_rows` (whole rows: a row's absmax needs all of it).
 QUANTIZE_ELEMENTS = 8192
-# Which Linears take the FP8 product (`fp8_linear_wins`), to be tuned from the linear table of
-# benchmarks/fp8_probe.py (quantisation included). A first probe of torch._scaled_mm against fp16
-# at the seed clip's shapes (quantisation not counted) measured 1.4-1.6x from 640-wide inputs on,
-# ~1.0x for 320 -> 1280 and 0.7x for 320 -> 320.
+# Which Linears take the FP8 product (`fp8_linear_wins`) when RuntimeSettings.fp8_linear is set
+# (off by default). With the quantisation pass counted, the probe (benchmarks/fp8_probe.py, H200)
+# found no shape of the network where the FP8 product wins by more than 3%: 0.58-0.88x from
+# 320- and 1280-wide inputs, 0.70-0.82x at 640 -> 640, 1.02-1.03x at 1280 -> 1280.
 FP8_LINEAR_MIN_IN_FEATURES = 640
 # Fewer tokens than this: the quantisation pass and the launch overheads outweigh the product.
 FP8_LINEAR_MIN_ROWS = 16_384
