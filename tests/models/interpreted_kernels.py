@@ -640,9 +640,9 @@ def _fp8_linear_float64(x, weight_fp8, weight_scale, bias=None):
 
 
 def test_optimized_tiny_model_with_fp8_stays_close(tiny_model, tiny_case, monkeypatch):
-    """RuntimeSettings(fp8=True), the tiny model's widths and token counts let into the FP8 ops:
-    every level-0 spatial self-attention on `fp8_attention` (P V in e4m3 too), the Linears of
-    `fp8_linear_wins` on `fp8_linear`; the output stays near the reference."""
+    """RuntimeSettings(fp8=True, fp8_linear=True), the tiny model's widths and token counts let
+    into the FP8 ops: every level-0 spatial self-attention on `fp8_attention` (P V in e4m3 too),
+    the Linears of `fp8_linear_wins` on `fp8_linear`; the output stays near the reference."""
     kernel_runs = kernel_once_per_signature(monkeypatch, {"group_norm": _group_norm_float64,
                                                           "group_norm_table": _group_norm_table_float64,
                                                           "layer_norm": _layer_norm_float64,
@@ -655,7 +655,8 @@ def test_optimized_tiny_model_with_fp8_stays_close(tiny_model, tiny_case, monkey
     patch_op(monkeypatch, "FLASH_ATTENTION_MIN_KEYS", 100)
     patch_op(monkeypatch, "FP8_LINEAR_MIN_IN_FEATURES", 16)
     patch_op(monkeypatch, "FP8_LINEAR_MIN_ROWS", 1)
-    settings = InferenceOptions(fp8=True, fp8_pv=True, spatial_chunk_tokens=320, temporal_chunk_tokens=23)
+    settings = InferenceOptions(fp8=True, fp8_pv=True, fp8_linear=True, spatial_chunk_tokens=320,
+                                temporal_chunk_tokens=23)
     model = optimize_for_inference(copy.deepcopy(tiny_model), settings)
     with torch.no_grad():
         out = model(*call_args(tiny_case))

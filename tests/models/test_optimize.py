@@ -241,7 +241,7 @@ def test_fp8_setting_changes_nothing_without_fp8_tensor_cores(tiny_model, tiny_c
     """RuntimeSettings(fp8=True) on a device without FP8 support (the CPU): the FP8 ops decline
     and the output is bit-identical to the default settings' (fp8=False)."""
     default = optimize_for_inference(copy.deepcopy(tiny_model), RuntimeSettings())
-    fp8 = optimize_for_inference(copy.deepcopy(tiny_model), RuntimeSettings(fp8=True, fp8_pv=True))
+    fp8 = optimize_for_inference(copy.deepcopy(tiny_model), RuntimeSettings(fp8=True, fp8_pv=True, fp8_linear=True))
     assert not RuntimeSettings().fp8 and fp8.settings.fp8_linears and fp8.settings.fp8_attention_kernel
     with torch.no_grad():
         assert torch.equal(default(*call_args(tiny_case)), fp8(*call_args(tiny_case)))
