@@ -105,6 +105,7 @@ def in_frame_chunks(fn, chunk: int | None, *inputs) -> torch.Tensor:
             layout = torch.channels_last if channels_last else torch.contiguous_format
             out = torch.empty((frames, *part.shape[1:]), dtype=part.dtype, device=part.device, memory_format=layout)
         out[rows] = part
+        del part  # not held while the next piece is computed
     return out
 
 

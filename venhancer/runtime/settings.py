@@ -10,6 +10,12 @@ from dataclasses import dataclass
 _CHUNK_FIELDS = ("ff_chunk_tokens", "spatial_chunk_tokens", "temporal_chunk_tokens", "conv_frame_chunk", "concat_frame_chunk")
 
 
+def check_chunk(name: str, value) -> None:
+    """A piece size: a positive integer, or None (no pieces); else ValueError naming it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     # Convolution weights (hence activations) channels-last: cuDNN's native NHWC layout, free
@@ -88,9 +94,7 @@ class RuntimeSettings:
 
     def __post_init__(self):
         for name in _CHUNK_FIELDS:
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            check_chunk(name, getattr(self, name))
         if self.fp8_qk not in ("int8", "e4m3"):
             raise ValueError(f"fp8_qk must be 'int8' or 'e4m3', got {self.fp8_qk!r}")
 

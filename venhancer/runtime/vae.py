@@ -23,10 +23,12 @@ from .layers import (
     FastGroupNorm,
     add_with_channel_bias,
     conv_without_bias,
+    in_frame_chunks,
     shortcut_without_bias,
     upsample_conv_kernel,
 )
 from .optimize import fast_group_norm, set_conv_weight_layout
+from .settings import check_chunk
 
 
 def _folded_resnet_branch(block: ResnetBlock2D | TemporalResnetBlock, x: torch.Tensor) -> torch.Tensor:
@@ -156,18 +158,9 @@ class _FrameChunkedResnetBlock2D(ResnetBlock2D):
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         forward = self._unchunked_class.forward
-        frames = input_tensor.shape[0]
-        if temb is not None or args or kwargs or frames <= self.frame_chunk:
+        if temb is not None or args or kwargs:
             return forward(self, input_tensor, temb, *args, **kwargs)
-        first = forward(self, input_tensor[: self.frame_chunk], None)
-        layout = (torch.channels_last if first.is_contiguous(memory_format=torch.channels_last)
-                  and not first.is_contiguous() else torch.contiguous_format)
-        out = torch.empty((frames, *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=layout)
-        out[: self.frame_chunk] = first
-        del first
-        for start in range(self.frame_chunk, frames, self.frame_chunk):
-            out[start : start + self.frame_chunk] = forward(self, input_tensor[start : start + self.frame_chunk], None)
-        return out
+        return in_frame_chunks(lambda frames: forward(self, frames, None), self.frame_chunk, input_tensor)
 
 
 def set_decoder_frame_chunk(vae: AutoencoderKLTemporalDecoder, frame_chunk: int | None) -> None:
@@ -176,9 +169,7 @@ def set_decoder_frame_chunk(vae: AutoencoderKLTemporalDecoder, frame_chunk: int 
     spatio-temporal block's input released after its spatial part (`_LeanTemporalDecoder`). The
     largest activations of a decode are a window's frames (5, the last up to 7) of one 576x1024
     tile at 256 and 128 channels, 0.3 GB per frame at 256."""
-    if frame_chunk is not None and (isinstance(frame_chunk, bool) or not isinstance(frame_chunk, int)
-                                    or frame_chunk <= 0):
-        raise ValueError(f"frame_chunk must be a positive integer or None, got {frame_chunk!r}")
+    check_chunk("frame_chunk", frame_chunk)
     decoder = vae.decoder
     if type(decoder) in (TemporalDecoder, _LeanTemporalDecoder):
         decoder.__class__ = TemporalDecoder if frame_chunk is None else _LeanTemporalDecoder
